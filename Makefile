@@ -1,0 +1,27 @@
+# One command to set up and run the tests, one to set up and run the service.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nfserve-installed
+
+.PHONY: setup test serve demo bench lint
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+serve: $(STAMP)
+	$(VENV)/bin/nfserve serve
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,156 @@
+"""Model artifacts: one ``model.safetensors`` per model version, never a pickle.
+
+Tensors are the flow's ``state_dict``. ``__metadata__`` holds the normalized spec, the format version,
+the caller's metadata (e.g. the training summary) and a SHA-256 content hash over all of it. Loading
+parses the header itself before trusting it, rebuilds the flow from the spec, checks every tensor's
+name, dtype and shape, verifies the hash and only then loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import ArtifactError, SpecError
+from .flow import Flow
+
+__all__ = ["save", "saves", "load", "loads", "read_metadata", "FORMAT_VERSION"]
+
+FORMAT_VERSION = "1"
+SPEC_KEY = "nfcore.spec"
+FORMAT_KEY = "nfcore.format_version"
+HASH_KEY = "nfcore.content_hash"
+MAX_HEADER = 16 * 2**20
+
+
+def _content_hash(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != HASH_KEY:
+            h.update(json.dumps([key, metadata[key]]).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def saves(flow: Flow, *, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """Serialize ``flow`` to safetensors bytes (see ``save``)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in flow.state_dict().items()}
+    meta: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if key.startswith("nfcore."):
+            raise ValueError(f"Expected metadata keys outside the 'nfcore.' namespace; got {key!r}")
+        meta[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    meta[SPEC_KEY] = json.dumps(flow.spec, sort_keys=True)
+    meta[FORMAT_KEY] = FORMAT_VERSION
+    meta[HASH_KEY] = _content_hash(tensors, meta)
+    return st_save(tensors, metadata=meta)
+
+
+def save(flow: Flow, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> str:
+    """Write ``flow`` to ``path`` atomically (temporary file, fsync, rename). Returns the hash."""
+    data = saves(flow, metadata=metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return _header(data)[1][HASH_KEY]
+
+
+def _header(data: bytes) -> tuple[dict, dict[str, str]]:
+    if len(data) < 8:
+        raise ArtifactError(f"Truncated model file: {len(data)} bytes, not even a header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise ArtifactError(f"Truncated or corrupted model file: header of {n} bytes in a file of "
+                            f"{len(data)} bytes")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"Corrupted model file: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError("Corrupted model file: header is not a JSON object")
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ArtifactError("Not an nfcore model: no string-to-string __metadata__")
+    for key in (SPEC_KEY, FORMAT_KEY, HASH_KEY):
+        if key not in meta:
+            raise ArtifactError(f"Not an nfcore model: __metadata__ lacks {key!r}")
+    if meta[FORMAT_KEY] != FORMAT_VERSION:
+        raise ArtifactError(f"Unsupported nfcore format version {meta[FORMAT_KEY]!r}; this nfcore "
+                            f"reads version {FORMAT_VERSION!r}")
+    return header, meta
+
+
+def read_metadata(source: str | os.PathLike | bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a model file (validated header, no weights loaded)."""
+    data = source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
+    return dict(_header(bytes(data))[1])
+
+
+def loads(data: bytes, *, device: str | torch.device | None = None) -> Flow:
+    """Rebuild a flow from safetensors bytes; raises ``ArtifactError`` on any defect."""
+    data = bytes(data)
+    _, meta = _header(data)
+    try:
+        spec = json.loads(meta[SPEC_KEY])
+        flow = Flow(spec)
+    except (json.JSONDecodeError, SpecError) as e:
+        raise ArtifactError(f"Model file holds an invalid spec: {e}") from None
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"Corrupted model file: {e}") from None
+    if _content_hash(tensors, meta) != meta[HASH_KEY]:
+        raise ArtifactError("Model file fails its content hash: it was modified or corrupted")
+    expected = flow.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ArtifactError(f"Model file does not match its spec: missing tensors {missing}, "
+                            f"unexpected tensors {extra}")
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ArtifactError(f"Tensor {name!r} has shape {tuple(got.shape)} and dtype "
+                                f"{got.dtype}; the spec needs {tuple(want.shape)} and {want.dtype}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise ArtifactError(f"Tensor {name!r} holds NaN or infinite values")
+    flow.load_state_dict(tensors, strict=True)
+    flow.metadata = {k: v for k, v in meta.items() if not k.startswith("nfcore.")}
+    flow.eval()
+    return flow.to(device) if device is not None else flow
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -> Flow:
+    """Load a flow saved by ``save``; raises ``ArtifactError`` for a bad file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"Cannot read model file {str(path)!r}: {e.strerror}") from None
+    return loads(data, device=device)

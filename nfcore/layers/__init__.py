@@ -1,0 +1,29 @@
+"""Layer families: each maps data to latent (``forward``) and back (``inverse``) with log|det J|."""
+
+from .autoregressive import IAF, MAF, Autoregressive, NSFAutoregressive
+from .base import MADE, MLP, Layer
+from .coupling import AffineCoupling, Coupling, NSFCoupling
+from .elementwise import Affine, RationalQuadratic
+from .linear import ActNorm, LULinear, Permute, Standardize
+from .planar import PLANAR_TOLERANCE, Planar, Radial
+
+__all__ = [
+    "Layer", "MLP", "MADE", "Affine", "RationalQuadratic", "Coupling", "AffineCoupling",
+    "NSFCoupling", "Autoregressive", "MAF", "IAF", "NSFAutoregressive", "Planar", "Radial",
+    "PLANAR_TOLERANCE", "LULinear", "ActNorm", "Permute", "Standardize", "LAYER_CLASSES",
+]
+
+#: Spec ``type`` name -> layer class. Every class takes ``(dim, **hyper_parameters)``.
+LAYER_CLASSES: dict[str, type[Layer]] = {
+    "planar": Planar,
+    "radial": Radial,
+    "affine_coupling": AffineCoupling,
+    "maf": MAF,
+    "iaf": IAF,
+    "nsf_coupling": NSFCoupling,
+    "nsf_ar": NSFAutoregressive,
+    "lu_linear": LULinear,
+    "actnorm": ActNorm,
+    "permute": Permute,
+    "standardize": Standardize,
+}

@@ -1,0 +1,59 @@
+"""Coupling layers: affine (RealNVP, Dinh et al. 2017) and rational-quadratic spline (NSF coupling)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import MLP, Layer
+from .elementwise import Affine, RationalQuadratic
+
+__all__ = ["Coupling", "AffineCoupling", "NSFCoupling"]
+
+
+class Coupling(Layer):
+    """Transforms the last ``dim - dim // 2`` features element-wise, with parameters computed from the
+    first ``dim // 2`` features and the context. Both directions take one pass.
+    """
+
+    def __init__(self, dim: int, elementwise, hidden: list[int], activation: str, context_dim: int):
+        super().__init__()
+        self.split = dim // 2
+        self.elementwise = elementwise
+        out = (dim - self.split) * elementwise.params
+        self.net = MLP(self.split + context_dim, out, hidden, activation)
+
+    def _params(self, a: Tensor, context: Tensor | None) -> Tensor:
+        h = a if context is None else torch.cat([a, context], dim=-1)
+        return self.net(h).unflatten(-1, (-1, self.elementwise.params))
+
+    def _transform(self, v: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        a, b = v[..., : self.split], v[..., self.split :]
+        b, ladj = self.elementwise(b, self._params(a, context), inverse)
+        return torch.cat([a, b], dim=-1), ladj.sum(-1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform(x, context, inverse=False)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform(z, context, inverse=True)
+
+
+class AffineCoupling(Coupling):
+    """Affine coupling: ``z_b = (x_b - t(x_a)) * exp(-s(x_a))``, with ``|s| < scale_bound``.
+
+    References: Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP" (2017).
+    """
+
+    def __init__(self, dim, *, hidden, activation, scale_bound, context_dim=0):
+        super().__init__(dim, Affine(scale_bound), hidden, activation, context_dim)
+
+
+class NSFCoupling(Coupling):
+    """Rational-quadratic spline coupling, the identity outside ``[-bound, bound]``.
+
+    References: Durkan, Bekasov, Murray & Papamakarios, "Neural Spline Flows" (2019).
+    """
+
+    def __init__(self, dim, *, hidden, activation, bins, bound, context_dim=0):
+        super().__init__(dim, RationalQuadratic(bins, bound), hidden, activation, context_dim)

@@ -1,0 +1,181 @@
+"""Flow specs: validation with field-named errors, defaults, and preset expansion.
+
+A spec is plain JSON. ``normalize_spec`` returns the canonical form that ``build`` consumes and that
+artifacts store: presets expanded, every default filled in, nothing unknown left.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import SpecError
+
+__all__ = ["normalize_spec", "LAYER_TYPES", "PRESETS", "LIMITS"]
+
+#: Bounds that keep a client from asking for an absurd network.
+LIMITS = {"dim": 4096, "context_dim": 4096, "layers": 256, "hidden_width": 4096,
+          "hidden_depth": 8, "bins": 128, "transforms": 64}
+
+_MISSING = object()
+
+
+def _int(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def check(field: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SpecError(field, f"expected an integer; got {v!r}")
+        if not lo <= v <= hi:
+            raise SpecError(field, f"expected an integer in [{lo}, {hi}]; got {v}")
+        return v
+    return check
+
+
+def _positive_float(hi: float) -> Callable[[str, Any], float]:
+    def check(field: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise SpecError(field, f"expected a finite number; got {v!r}")
+        if not 0 < v <= hi:
+            raise SpecError(field, f"expected a number in (0, {hi}]; got {v}")
+        return float(v)
+    return check
+
+
+def _choice(*options: str) -> Callable[[str, Any], str]:
+    def check(field: str, v: Any) -> str:
+        if v not in options:
+            raise SpecError(field, f"expected one of {list(options)}; got {v!r}")
+        return v
+    return check
+
+
+def _hidden(field: str, v: Any) -> list[int]:
+    if not isinstance(v, list | tuple) or not 1 <= len(v) <= LIMITS["hidden_depth"]:
+        raise SpecError(field, f"expected a list of 1 to {LIMITS['hidden_depth']} layer widths; "
+                               f"got {v!r}")
+    return [_int(1, LIMITS["hidden_width"])(f"{field}[{i}]", h) for i, h in enumerate(v)]
+
+
+def _bool(field: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise SpecError(field, f"expected true or false; got {v!r}")
+    return v
+
+
+_ACTIVATION = _choice("relu", "elu", "silu", "gelu", "tanh")
+_NET = {"hidden": ([64, 64], _hidden), "activation": ("relu", _ACTIVATION)}
+_AFFINE = {**_NET, "scale_bound": (6.0, _positive_float(20.0))}
+_SPLINE = {**_NET, "bins": (8, _int(2, LIMITS["bins"])), "bound": (5.0, _positive_float(1e4))}
+
+#: Each layer type's hyper-parameters: name -> (default, validator).
+LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
+    "planar": {},
+    "radial": {},
+    "affine_coupling": _AFFINE,
+    "maf": _AFFINE,
+    "iaf": _AFFINE,
+    "nsf_coupling": _SPLINE,
+    "nsf_ar": _SPLINE,
+    "lu_linear": {},
+    "actnorm": {},
+    "permute": {"kind": ("reverse", _choice("reverse", "random")),
+                "seed": (0, _int(0, 2**31 - 1))},
+    "standardize": {},
+}
+_COUPLING = {"affine_coupling", "nsf_coupling"}
+_CONDITIONAL = {"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar"}
+
+#: Preset name -> (repeated layer type, whether to put a permutation between repeats).
+PRESETS: dict[str, tuple[str, bool]] = {
+    "planar": ("planar", False),
+    "radial": ("radial", False),
+    "realnvp": ("affine_coupling", True),
+    "maf": ("maf", True),
+    "iaf": ("iaf", True),
+    "nsf": ("nsf_coupling", True),
+    "nsf_ar": ("nsf_ar", True),
+}
+_PRESET_KEYS = {"preset": None, "dim": None, "context_dim": None, "dtype": None, "base": None,
+                "transforms": None, "standardize": None}
+
+
+def _check_keys(field: str, obj: Mapping, allowed: set[str]) -> None:
+    for key in obj:
+        if key not in allowed:
+            where = f"{field}.{key}" if field else str(key)
+            raise SpecError(where, f"unknown key; expected one of {sorted(allowed)}")
+
+
+def _layer(field: str, raw: Any, dim: int, context_dim: int) -> dict:
+    if not isinstance(raw, Mapping):
+        raise SpecError(field, f"expected an object with a 'type'; got {raw!r}")
+    kind = raw.get("type", _MISSING)
+    if kind is _MISSING:
+        raise SpecError(f"{field}.type", "missing")
+    if kind not in LAYER_TYPES:
+        raise SpecError(f"{field}.type", f"unknown layer type {kind!r}; expected one of "
+                                         f"{sorted(LAYER_TYPES)}")
+    schema = LAYER_TYPES[kind]
+    _check_keys(field, raw, {"type", *schema})
+    if kind in _COUPLING and dim < 2:
+        raise SpecError(f"{field}.type", f"{kind} needs dim >= 2; got dim {dim}")
+    out = {"type": kind}
+    for name, (default, check) in schema.items():
+        value = raw.get(name, _MISSING)
+        out[name] = copy.deepcopy(default) if value is _MISSING else check(f"{field}.{name}", value)
+    return out
+
+
+def _expand_preset(raw: Mapping) -> list[dict]:
+    name = raw["preset"]
+    if name not in PRESETS:
+        raise SpecError("preset", f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    kind, permute = PRESETS[name]
+    params = set(LAYER_TYPES[kind])
+    _check_keys("", raw, set(_PRESET_KEYS) | params)
+    transforms = _int(1, LIMITS["transforms"])("transforms", raw.get("transforms", 5))
+    standardize = _bool("standardize", raw.get("standardize", True))
+    layer = {"type": kind, **{k: raw[k] for k in params if k in raw}}
+    layers: list[dict] = [{"type": "standardize"}] if standardize else []
+    for i in range(transforms):
+        if permute and i > 0:
+            layers.append({"type": "permute", "kind": "reverse"})
+        layers.append(copy.deepcopy(layer))
+    return layers
+
+
+def normalize_spec(spec: Any) -> dict:
+    """Validate ``spec`` and return its canonical form. Raises ``SpecError`` naming the field."""
+    if not isinstance(spec, Mapping):
+        raise SpecError("", f"expected a JSON object; got {type(spec).__name__}")
+    if "dim" not in spec:
+        raise SpecError("dim", "missing")
+    dim = _int(1, LIMITS["dim"])("dim", spec["dim"])
+    context_dim = _int(0, LIMITS["context_dim"])("context_dim", spec.get("context_dim", 0))
+    dtype = _choice("float32", "float64")("dtype", spec.get("dtype", "float32"))
+    base = spec.get("base", {"type": "normal"})
+    if not isinstance(base, Mapping):
+        raise SpecError("base", f"expected an object; got {base!r}")
+    _check_keys("base", base, {"type"})
+    _choice("normal")("base.type", base.get("type", "normal"))
+
+    if "preset" in spec:
+        if "layers" in spec:
+            raise SpecError("layers", "give either 'preset' or 'layers', not both")
+        raw_layers = _expand_preset(spec)
+    else:
+        _check_keys("", spec, {"dim", "context_dim", "dtype", "base", "layers"})
+        raw_layers = spec.get("layers", _MISSING)
+        if raw_layers is _MISSING:
+            raise SpecError("layers", "missing; give 'layers' or a 'preset'")
+        if not isinstance(raw_layers, list | tuple) or not raw_layers:
+            raise SpecError("layers", f"expected a non-empty list; got {raw_layers!r}")
+    if len(raw_layers) > LIMITS["layers"]:
+        raise SpecError("layers", f"at most {LIMITS['layers']} layers; got {len(raw_layers)}")
+    layers = [_layer(f"layers[{i}]", raw, dim, context_dim) for i, raw in enumerate(raw_layers)]
+    if context_dim and not any(layer["type"] in _CONDITIONAL for layer in layers):
+        raise SpecError("context_dim", "no layer of this flow can be conditioned on a context; "
+                                       f"use one of {sorted(_CONDITIONAL)}")
+    return {"dim": dim, "context_dim": context_dim, "dtype": dtype, "base": {"type": "normal"},
+            "layers": layers}
