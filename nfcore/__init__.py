@@ -1,12 +1,20 @@
 """nfcore: normalizing flows built from a JSON spec, trained, saved as safetensors, and served."""
 
 from .artifact import FORMAT_VERSION, load, loads, read_metadata, save, saves
-from .errors import ArtifactError, NFCoreError, ShapeError, SpecError
+from .errors import (
+    ArtifactError,
+    ExpressionError,
+    NFCoreError,
+    ShapeError,
+    SpecError,
+    TargetError,
+    TrainingCancelled,
+)
 from .flow import Flow, build
 from .spec import LAYER_TYPES, PRESETS, normalize_spec
 
 __all__ = [
     "Flow", "build", "save", "saves", "load", "loads", "read_metadata", "normalize_spec",
     "LAYER_TYPES", "PRESETS", "FORMAT_VERSION", "NFCoreError", "SpecError", "ShapeError",
-    "ArtifactError",
+    "ArtifactError", "TargetError", "ExpressionError", "TrainingCancelled",
 ]

@@ -7,6 +7,9 @@ __all__ = [
     "SpecError",
     "ShapeError",
     "ArtifactError",
+    "TargetError",
+    "ExpressionError",
+    "TrainingCancelled",
 ]
 
 
@@ -29,3 +32,24 @@ class ShapeError(NFCoreError, ValueError):
 
 class ArtifactError(NFCoreError):
     """A model file is truncated, corrupted, tampered with or does not match its spec."""
+
+
+class TargetError(NFCoreError, ValueError):
+    """An unknown built-in or plugin target, or a target with bad arguments."""
+
+
+class ExpressionError(TargetError):
+    """A client expression is malformed or uses something outside the whitelist.
+
+    ``position`` is ``(line, column)`` in the expression text (1-based line, 0-based column) when
+    known, else ``None``; the message already names it.
+    """
+
+    def __init__(self, message: str, position: tuple[int, int] | None = None):
+        self.position = position
+        where = f" at line {position[0]}, column {position[1]}" if position else ""
+        super().__init__(f"{message}{where}")
+
+
+class TrainingCancelled(NFCoreError):
+    """Raised by a training loop whose ``should_stop`` callback said stop; nothing was saved."""
