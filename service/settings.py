@@ -33,6 +33,8 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL of the job store; default: SQLite file in data_dir.")
     queue_url: str | None = Field(
         None, description="Huey queue: redis://… for RedisHuey; default: SqliteHuey in data_dir.")
+    queue_name: str = Field(
+        "nfserve", description="Huey queue name (Redis key prefix); one per deployment.")
     device: str = Field("auto", description="Inference/training device: auto, cpu, cuda, cuda:N.")
 
     # Inference and batching
