@@ -1,0 +1,110 @@
+"""Training checkpoints as safetensors: weights, optimizer state, extra tensors and JSON loop state.
+
+A checkpoint is written to a temporary file and renamed, so a killed process leaves either the old
+checkpoint or the new one. Nothing is pickled: tensors go in the body, everything else is JSON in
+``__metadata__``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from ..errors import ArtifactError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "clone_state", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "nfcore-checkpoint-1"
+_KEY = "nfcore.checkpoint"
+
+
+def _split_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, entries in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: dict[str, Tensor],
+    optimizer: dict,
+    tensors: dict[str, Tensor] | None = None,
+    state: dict[str, Any] | None = None,
+) -> None:
+    """Atomically write ``model`` (a state_dict), ``optimizer`` (its state_dict), extra ``tensors``
+    and a JSON-serializable ``state`` to ``path``."""
+    body: dict[str, Tensor] = {}
+    for prefix, group in (("model", model), ("extra", tensors or {})):
+        for name, t in group.items():
+            body[f"{prefix}.{name}"] = t.detach().to("cpu").contiguous().clone()
+    optim_tensors, optim_meta = _split_optimizer(optimizer)
+    for name, t in optim_tensors.items():
+        body[name] = t.detach().to("cpu").contiguous().clone()
+    meta = {"format": CHECKPOINT_FORMAT, "state": state or {}, "optimizer": optim_meta}
+    data = st_save(body, metadata={_KEY: json.dumps(meta)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint: ``{"model", "optimizer", "tensors", "state"}``; ``ArtifactError`` if bad."""
+    try:
+        data = Path(path).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        meta = json.loads(header["__metadata__"][_KEY])
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+        body = st_load(data)
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError) as e:
+        raise ArtifactError(f"Cannot resume from checkpoint {str(path)!r}: {e}") from None
+    groups: dict[str, dict[str, Tensor]] = {"model": {}, "extra": {}, "optimizer": {}}
+    for key, t in body.items():
+        prefix, _, name = key.partition(".")
+        if prefix == "optimizer":
+            groups["optimizer"][key] = t
+        else:
+            groups[prefix][name] = t
+    return {"model": groups["model"], "tensors": groups["extra"], "state": meta["state"],
+            "optimizer": _join_optimizer(groups["optimizer"], meta["optimizer"])}
+
+
+def clone_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    """A detached copy of a module's state_dict (e.g. the best weights so far)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+import nfcore
+
+LAYER_TYPES = sorted(nfcore.LAYER_TYPES)
+PRESETS = sorted(nfcore.PRESETS)
+CONDITIONAL_TYPES = ["affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@torch.no_grad()
+def perturb(flow: nfcore.Flow, scale: float = 0.3, seed: int = 0) -> nfcore.Flow:
+    """Move every parameter and fitted buffer off its (often identity) initial value, so property
+    tests exercise a non-trivial bijection."""
+    g = torch.Generator().manual_seed(seed)
+    for p in flow.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    for name, b in flow.named_buffers():
+        if name.endswith(".loc"):
+            b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype))
+        elif name.endswith(".scale"):
+            b.copy_(torch.exp(0.3 * torch.randn(b.shape, generator=g, dtype=b.dtype)))
+    return flow
+
+
+def layer_spec(kind: str, dim: int = 3, dtype: str = "float64", context_dim: int = 0) -> dict:
+    layer = {"type": kind}
+    if kind in {"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar"}:
+        layer["hidden"] = [16, 16]
+    return {"dim": dim, "context_dim": context_dim, "dtype": dtype, "layers": [layer]}
+
+
+def preset_spec(preset: str, dim: int = 3, dtype: str = "float64", context_dim: int = 0) -> dict:
+    spec = {"preset": preset, "dim": dim, "context_dim": context_dim, "dtype": dtype,
+            "transforms": 3}
+    if preset not in {"planar", "radial"}:
+        spec["hidden"] = [16, 16]
+    return spec
+
+
+#: Every layer type alone and every preset, as (id, spec-maker) pairs.
+CASES = [f"layer:{k}" for k in LAYER_TYPES] + [f"preset:{p}" for p in PRESETS]
+
+
+def case_spec(case: str, **kwargs) -> dict:
+    kind, name = case.split(":")
+    return layer_spec(name, **kwargs) if kind == "layer" else preset_spec(name, **kwargs)
+
+
+def make_flow(case: str, seed: int = 0, scale: float = 0.3, **kwargs) -> nfcore.Flow:
+    torch.manual_seed(seed)
+    return perturb(nfcore.build(case_spec(case, **kwargs)), scale=scale, seed=seed)

@@ -1,0 +1,237 @@
+"""Properties every flow must have, parametrised over every layer type and every preset (float64)."""
+
+import math
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+import nfcore
+from tests.nfcore.conftest import CASES, CONDITIONAL_TYPES, PRESETS, make_flow
+
+
+def _points(n: int, dim: int, seed: int = 1, scale: float = 1.5) -> torch.Tensor:
+    return scale * torch.randn(n, dim, generator=torch.Generator().manual_seed(seed),
+                               dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_log_prob_shape_and_finiteness(case):
+    flow = make_flow(case)
+    lp = flow.log_prob(_points(7, 3))
+    assert lp.shape == (7,)
+    assert lp.dtype == torch.float64
+    assert torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_inverse_undoes_forward_both_ways(case):
+    flow = make_flow(case)
+    x = _points(64, 3)
+    with torch.no_grad():
+        z, ladj = flow.transform(x)
+        x_back, log_q = flow.sample_from_noise(z)
+        assert torch.allclose(x_back, x, atol=1e-6, rtol=0)
+        # and the other way: latent -> data -> latent
+        x2, _ = flow.sample_from_noise(x)
+        z2, _ = flow.transform(x2)
+        assert torch.allclose(z2, x, atol=1e-6, rtol=0)
+        # the two directions' log-dets agree: log q(x) = log N(z) + ladj
+        assert torch.allclose(log_q, flow.base_log_prob(z) + ladj, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_log_det_matches_autograd_jacobian(case):
+    flow = make_flow(case)
+    for x in _points(4, 3, seed=2):
+        def fwd(v):
+            return flow.transform(v[None])[0][0]
+
+        def inv(v):
+            return flow.sample_from_noise(v[None])[0][0]
+
+        _, ladj = flow.transform(x[None])
+        expected = torch.linalg.slogdet(jacobian(fwd, x))[1]
+        assert abs(ladj.item() - expected.item()) < 1e-6, (ladj.item(), expected.item())
+
+        z = x
+        x_of_z, log_q = flow.sample_from_noise(z[None])
+        ladj_inv = flow.base_log_prob(z[None]) - log_q  # log|det dx/dz|
+        expected_inv = torch.linalg.slogdet(jacobian(inv, z))[1]
+        assert abs(ladj_inv.item() - expected_inv.item()) < 1e-6
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sample_and_log_prob_agrees_with_log_prob(case):
+    flow = make_flow(case)
+    x, log_q = flow.sample_and_log_prob(200, generator=torch.Generator().manual_seed(3))
+    assert x.shape == (200, 3) and log_q.shape == (200,)
+    assert torch.allclose(flow.log_prob(x), log_q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_seeded_sampling_is_reproducible(case):
+    flow = make_flow(case)
+    a = flow.sample(5, generator=torch.Generator().manual_seed(9))
+    b = flow.sample(5, generator=torch.Generator().manual_seed(9))
+    c = flow.sample(5, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+FIXED_LAYERS = ["layer:permute", "layer:standardize"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in FIXED_LAYERS])
+def test_gradients_reach_every_parameter(case):
+    flow = make_flow(case).train()
+    x = _points(32, 3)
+    loss = -flow.log_prob(x).mean()
+    y, log_q = flow.sample_and_log_prob(32, generator=torch.Generator().manual_seed(4))
+    loss = loss + (log_q + (y * y).sum(-1)).mean()
+    loss.backward()
+    params = dict(flow.named_parameters())
+    assert params, "a flow of this kind should have trainable parameters"
+    for name, p in params.items():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+
+
+@pytest.mark.parametrize("case", FIXED_LAYERS)
+def test_fixed_layers_have_no_trainable_parameters(case):
+    assert list(make_flow(case).parameters()) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_random_2d_flow_integrates_to_one(case):
+    # A gentler perturbation than elsewhere: stacked random affine layers otherwise put mass at
+    # |x| ~ 1e4, which no grid resolves; the property itself is tested on non-trivial flows.
+    flow = make_flow(case, dim=2, seed=5, scale=0.1)
+    lim, n = 12.0, 801
+    t = torch.linspace(-lim, lim, n, dtype=torch.float64)
+    grid = torch.cartesian_prod(t, t)
+    with torch.no_grad():
+        p = flow.log_prob(grid).exp().reshape(n, n)
+    h = (2 * lim) / (n - 1)
+    total = torch.trapezoid(torch.trapezoid(p, dx=h, dim=1), dx=h).item()
+    assert abs(total - 1.0) < 1e-2, total
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_save_load_round_trip_is_exact(case, tmp_path):
+    flow = make_flow(case)
+    path = tmp_path / "m" / "model.safetensors"
+    digest = nfcore.save(flow, path, metadata={"training": {"steps": 3}})
+    assert digest.startswith("sha256:")
+    loaded = nfcore.load(path)
+    x = _points(16, 3)
+    assert torch.equal(loaded.log_prob(x), flow.log_prob(x))
+    g1, g2 = (torch.Generator().manual_seed(7) for _ in range(2))
+    assert torch.equal(loaded.sample(8, generator=g1), flow.sample(8, generator=g2))
+    assert loaded.spec == flow.spec
+    assert loaded.metadata["training"] == '{"steps": 3}'
+    assert not list(path.parent.glob("*.tmp")), "atomic write left a temporary file"
+
+
+@pytest.mark.parametrize("kind", CONDITIONAL_TYPES + ["nsf", "maf", "realnvp", "iaf", "nsf_ar"])
+def test_context_changes_the_output(kind):
+    if kind in PRESETS and kind not in CONDITIONAL_TYPES:
+        spec = {"preset": kind, "dim": 3, "context_dim": 2, "dtype": "float64",
+                "transforms": 2, "hidden": [16]}
+    else:
+        spec = {"dim": 3, "context_dim": 2, "dtype": "float64",
+                "layers": [{"type": kind, "hidden": [16]}]}
+    flow = nfcore.build(spec)
+    x = _points(10, 3)
+    c1, c2 = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    lp1, lp2 = flow.log_prob(x, context=c1), flow.log_prob(x, context=c2)
+    assert not torch.allclose(lp1, lp2)
+    s1 = flow.sample(4, context=c1, generator=torch.Generator().manual_seed(0))
+    s2 = flow.sample(4, context=c2, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(s1, s2)
+    # conditional sampling and scoring agree, with a per-row context too
+    ctx = torch.randn(6, 2, dtype=torch.float64)
+    xs, log_q = flow.sample_and_log_prob(6, context=ctx)
+    assert torch.allclose(flow.log_prob(xs, context=ctx), log_q, atol=1e-6)
+
+
+def test_conditional_flow_is_normalized_for_each_context():
+    flow = nfcore.build({"preset": "nsf", "dim": 2, "context_dim": 1, "dtype": "float64",
+                         "transforms": 2, "hidden": [16]})
+    t = torch.linspace(-10, 10, 501, dtype=torch.float64)
+    grid = torch.cartesian_prod(t, t)
+    h = 20 / 500
+    for c in (-2.0, 0.0, 3.0):
+        with torch.no_grad():
+            p = flow.log_prob(grid, context=torch.tensor([c], dtype=torch.float64)).exp()
+        total = torch.trapezoid(torch.trapezoid(p.reshape(501, 501), dx=h, dim=1), dx=h).item()
+        assert abs(total - 1.0) < 1e-2
+
+
+@pytest.mark.parametrize("case", ["preset:nsf", "preset:maf", "preset:planar", "layer:radial"])
+def test_float32_flows_work(case):
+    flow = make_flow(case, dtype="float32", scale=0.1)
+    x, log_q = flow.sample_and_log_prob(100)
+    assert x.dtype == torch.float32 and log_q.dtype == torch.float32
+    assert torch.allclose(flow.log_prob(x), log_q, atol=1e-3)
+
+
+def test_planar_flow_scores_data_it_did_not_generate():
+    torch.manual_seed(0)
+    flow = nfcore.build({"preset": "planar", "dim": 2, "transforms": 8, "dtype": "float64"})
+    data = torch.tensor([[0.3, -4.0], [50.0, 2.0], [-1e4, 1e4]], dtype=torch.float64)
+    z, _ = flow.transform(data)
+    x_back, _ = flow.sample_from_noise(z)
+    assert torch.allclose(x_back, data, atol=1e-8, rtol=1e-12)
+
+
+def test_planar_keeps_invertibility_constraint_under_any_parameters():
+    from nfcore.layers import Planar
+
+    layer = Planar(3).double()
+    with torch.no_grad():
+        layer.w.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        layer.u.copy_(-10.0 * layer.w)  # w.u far below -1
+        u_hat, k = layer._u_hat()
+    assert k.item() > -1.0
+
+
+def test_radial_keeps_beta_at_least_minus_alpha():
+    from nfcore.layers import Radial
+
+    layer = Radial(2).double()
+    with torch.no_grad():
+        layer.beta_raw.fill_(-50.0)
+        alpha, beta = layer._alpha_beta()
+    assert beta.item() >= -alpha.item()
+
+
+def test_standardize_makes_log_prob_in_data_units():
+    flow = nfcore.build({"dim": 2, "dtype": "float64",
+                         "layers": [{"type": "standardize"}]})
+    data = torch.randn(10_000, 2, dtype=torch.float64) * torch.tensor([3.0, 0.5]) + 7.0
+    flow.initialize(data)
+    x = torch.tensor([[7.0, 7.0]], dtype=torch.float64)
+    sd = data.std(0)
+    expected = -math.log(2 * math.pi) - torch.log(sd).sum() - 0.5 * (
+        ((x - data.mean(0)) / sd) ** 2).sum()
+    assert torch.allclose(flow.log_prob(x)[0], expected)
+
+
+def test_spline_is_identity_outside_its_bound():
+    flow = nfcore.build({"dim": 2, "dtype": "float64",
+                         "layers": [{"type": "nsf_coupling", "bound": 3.0, "hidden": [8]}]})
+    x = torch.tensor([[0.1, 3.5], [0.1, -7.0], [100.0, -3.01]], dtype=torch.float64)
+    z, ladj = flow.transform(x)
+    assert torch.equal(z, x)
+    assert torch.equal(ladj, torch.zeros(3, dtype=torch.float64))
+
+
+def test_fast_paths_are_declared():
+    maf = nfcore.build({"preset": "maf", "dim": 3})
+    iaf = nfcore.build({"preset": "iaf", "dim": 3})
+    nsf = nfcore.build({"preset": "nsf", "dim": 3})
+    assert maf.fast_log_prob and not maf.fast_sample
+    assert iaf.fast_sample and not iaf.fast_log_prob
+    assert nsf.fast_sample and nsf.fast_log_prob

@@ -1,0 +1,87 @@
+"""build(spec) accepts the contract's shapes and rejects everything else with a field-named error."""
+
+import pytest
+
+import nfcore
+from nfcore import SpecError
+
+
+def test_design_example_builds():
+    spec = {"dim": 2, "context_dim": 0, "dtype": "float32",
+            "base": {"type": "normal"},
+            "layers": [{"type": "standardize"},
+                       {"type": "nsf_coupling", "bins": 8, "hidden": [64, 64], "bound": 5.0},
+                       {"type": "permute", "kind": "reverse"},
+                       {"type": "maf", "hidden": [64, 64]}]}
+    flow = nfcore.build(spec)
+    assert [layer["type"] for layer in flow.spec["layers"]] == [
+        "standardize", "nsf_coupling", "permute", "maf"]
+    assert flow.spec["layers"][3]["scale_bound"] == 6.0  # defaults are filled in
+
+
+@pytest.mark.parametrize("preset,layer", [("planar", "planar"), ("radial", "radial"),
+                                          ("realnvp", "affine_coupling"), ("maf", "maf"),
+                                          ("iaf", "iaf"), ("nsf", "nsf_coupling"),
+                                          ("nsf_ar", "nsf_ar")])
+def test_presets_expand_to_their_layers(preset, layer):
+    flow = nfcore.build({"preset": preset, "dim": 2, "transforms": 4})
+    kinds = [entry["type"] for entry in flow.spec["layers"]]
+    assert kinds.count(layer) == 4
+    assert kinds[0] == "standardize"
+
+
+def test_preset_applies_hyper_parameters_to_each_layer():
+    flow = nfcore.build({"preset": "nsf", "dim": 3, "transforms": 2, "hidden": [8, 8], "bins": 4,
+                         "bound": 3.0})
+    splines = [entry for entry in flow.spec["layers"] if entry["type"] == "nsf_coupling"]
+    assert all(s["bins"] == 4 and s["hidden"] == [8, 8] and s["bound"] == 3.0 for s in splines)
+
+
+def test_normalized_spec_rebuilds_the_same_architecture():
+    flow = nfcore.build({"preset": "maf", "dim": 3})
+    again = nfcore.build(flow.spec)
+    assert again.spec == flow.spec
+    assert {k: v.shape for k, v in again.state_dict().items()} == {
+        k: v.shape for k, v in flow.state_dict().items()}
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"layers": [{"type": "maf"}]}, "dim"),
+    ({"dim": 0, "layers": [{"type": "maf"}]}, "dim"),
+    ({"dim": True, "layers": [{"type": "maf"}]}, "dim"),
+    ({"dim": 2, "layers": []}, "layers"),
+    ({"dim": 2}, "layers"),
+    ({"dim": 2, "layers": [{"type": "glow"}]}, "layers[0].type"),
+    ({"dim": 2, "layers": [{"hidden": [3]}]}, "layers[0].type"),
+    ({"dim": 2, "layers": [{"type": "maf", "hiden": [3]}]}, "layers[0].hiden"),
+    ({"dim": 2, "layers": [{"type": "maf", "hidden": [0]}]}, "layers[0].hidden[0]"),
+    ({"dim": 2, "layers": [{"type": "maf", "hidden": "64"}]}, "layers[0].hidden"),
+    ({"dim": 2, "layers": [{"type": "nsf_coupling", "bins": 1}]}, "layers[0].bins"),
+    ({"dim": 2, "layers": [{"type": "nsf_ar", "bound": -1.0}]}, "layers[0].bound"),
+    ({"dim": 2, "layers": [{"type": "nsf_ar", "bound": float("nan")}]}, "layers[0].bound"),
+    ({"dim": 2, "layers": [{"type": "maf", "activation": "sigmoid"}]}, "layers[0].activation"),
+    ({"dim": 2, "layers": [{"type": "permute", "kind": "shuffle"}]}, "layers[0].kind"),
+    ({"dim": 1, "layers": [{"type": "affine_coupling"}]}, "layers[0].type"),
+    ({"dim": 2, "dtype": "float16", "layers": [{"type": "maf"}]}, "dtype"),
+    ({"dim": 2, "base": {"type": "student"}, "layers": [{"type": "maf"}]}, "base.type"),
+    ({"dim": 2, "colour": "red", "layers": [{"type": "maf"}]}, "colour"),
+    ({"dim": 2, "context_dim": 2, "layers": [{"type": "planar"}]}, "context_dim"),
+    ({"preset": "glow", "dim": 2}, "preset"),
+    ({"preset": "maf", "dim": 2, "bins": 8}, "bins"),
+    ({"preset": "nsf", "dim": 2, "transforms": 0}, "transforms"),
+    ({"preset": "nsf", "dim": 2, "standardize": "yes"}, "standardize"),
+    ({"preset": "nsf", "dim": 2, "layers": [{"type": "maf"}]}, "layers"),
+    ({"dim": 2, "layers": [{"type": "maf", "hidden": [10**6]}]}, "layers[0].hidden[0]"),
+    ({"dim": 2, "layers": [{"type": "planar"}] * 1000}, "layers"),
+    ([1, 2], ""),
+])
+def test_bad_specs_name_the_field(spec, field):
+    with pytest.raises(SpecError) as info:
+        nfcore.build(spec)
+    assert info.value.field == field
+    assert str(info.value).startswith(field)
+
+
+def test_spec_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        nfcore.build({"dim": -3, "layers": [{"type": "maf"}]})
