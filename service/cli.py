@@ -1,0 +1,64 @@
+"""``nfserve`` command line. One function per subcommand, registered in ``COMMANDS``.
+
+Adding a subcommand: write ``add_<name>(subparsers)`` that defines its parser and sets
+``func=<handler>``, and append it to ``COMMANDS``. Every setting can also come from its
+``NFSERVE_<NAME>`` environment variable; flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the API with uvicorn."""
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port,
+                                   "models_dir": args.models_dir}.items() if v is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the HTTP API",
+                              description="Run the HTTP API (uvicorn) on the model store.")
+    p.add_argument("--host", default=None, help="bind address (NFSERVE_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (NFSERVE_PORT, default 8000)")
+    p.add_argument("--models-dir", default=None, help="model store (NFSERVE_MODELS_DIR)")
+    p.add_argument("--log-level", default=os.environ.get("NFSERVE_LOG_LEVEL", "info"),
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
+                   help="log every request")
+    p.set_defaults(func=run_serve)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_serve,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nfserve", description="Normalizing-flow service.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Dependencies as ``Annotated`` aliases, so handlers read like plain functions.
+
+- ``SettingsDep``, ``StoreDep``, ``EngineDep``, ``MetricsDep``: what is on ``app.state``.
+- ``require_read`` / ``require_write``: API-key checks (``Authorization: Bearer <key>``), a no-op
+  when no keys are configured. Use them as ``dependencies=[ReadAccess]`` on a router or route.
+- ``read_body``: the request body, refused with 413 from ``Content-Length`` before reading, and cut
+  off while streaming once it passes the limit (so a huge body is never held in memory).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from .errors import Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
+from .inference import InferenceEngine
+from .metrics import Metrics
+from .settings import Settings
+from .store import ModelStore
+
+__all__ = ["SettingsDep", "StoreDep", "EngineDep", "MetricsDep", "ReadAccess", "WriteAccess",
+           "require_read", "require_write", "read_body", "get_app_settings"]
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> ModelStore:
+    return request.app.state.store
+
+
+def get_engine(request: Request) -> InferenceEngine:
+    return request.app.state.engine
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+StoreDep = Annotated[ModelStore, Depends(get_store)]
+EngineDep = Annotated[InferenceEngine, Depends(get_engine)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`. "
+                     "Needed only when the server is configured with keys.")
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _matches(key: str, keys: list[str]) -> bool:
+    # Compare every key in constant time, so the timing says nothing about which one nearly matched.
+    found = False
+    for candidate in keys:
+        found |= hmac.compare_digest(key.encode(), candidate.encode())
+    return found
+
+
+def _check(settings: Settings, credentials: HTTPAuthorizationCredentials | None,
+           *, write: bool) -> None:
+    if not settings.auth_enabled:
+        return
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'")
+    key = credentials.credentials
+    if _matches(key, settings.api_keys_write):
+        return
+    if _matches(key, settings.api_keys_read):
+        if write:
+            raise Forbidden("This API key has the read scope only; uploads need a write key")
+        return
+    raise Unauthorized("Invalid API key")
+
+
+def require_read(settings: SettingsDep, credentials: CredentialsDep) -> None:
+    """Scoring, sampling, listing and downloads: a read or write key."""
+    _check(settings, credentials, write=False)
+
+
+def require_write(settings: SettingsDep, credentials: CredentialsDep) -> None:
+    """Uploads and other changes: a write key."""
+    _check(settings, credentials, write=True)
+
+
+ReadAccess = Depends(require_read)
+WriteAccess = Depends(require_write)
+
+
+async def read_body(request: Request, limit: int, *, what: str = "Request body") -> bytes:
+    """The whole body, at most ``limit`` bytes; 413 as early as the size is known to be over."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidInput(f"Invalid Content-Length header {declared!r}") from None
+        if size > limit:
+            raise PayloadTooLarge(f"{what} of {size} bytes is over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"{what} is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

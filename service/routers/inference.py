@@ -1,0 +1,184 @@
+"""``POST /log_prob`` and ``POST /sample``: JSON for small requests, safetensors for large ones.
+
+Bodies are read by hand (size-limited while streaming) and parsed with orjson or safetensors into
+numpy, then checked once by the engine. A binary request sends ``Content-Type:
+application/octet-stream`` with tensors ``x`` / ``context`` and the options in the query string;
+``Accept: application/octet-stream`` asks for a safetensors answer (``log_prob`` / ``samples``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ValidationError
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from ..deps import EngineDep, ReadAccess, SettingsDep, read_body
+from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, validation_message
+from ..schemas import (
+    OCTET_STREAM,
+    ErrorPublic,
+    FastJSONResponse,
+    LogProbOptions,
+    LogProbRequest,
+    LogProbResponse,
+    SampleOptions,
+    SampleRequest,
+    SampleResponse,
+)
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["inference"], dependencies=[ReadAccess])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorPublic, "description": text} for code, text in [
+        (401, "Missing or invalid API key"), (403, "Key lacks the scope"),
+        (404, "Unknown model or version"), (413, "Over the row, n or body-size limit"),
+        (415, "Body neither JSON nor safetensors"),
+        (422, "Bad JSON, shape, dimension, empty or non-finite input"),
+        (503, "Overloaded: queue full or deadline passed; retry later")]}
+
+
+def _binary_doc(schema: type[BaseModel], tensors: str) -> dict[str, Any]:
+    return {"requestBody": {"required": False, "content": {
+        "application/json": {"schema": schema.model_json_schema()},
+        OCTET_STREAM: {"schema": {"type": "string", "format": "binary",
+                                  "description": f"safetensors file with tensors {tensors}; "
+                                                 f"options in the query string"}}}}}
+
+
+def _binary_answer(tensors: str) -> dict[str, Any]:
+    return {"content": {OCTET_STREAM: {"schema": {
+        "type": "string", "format": "binary",
+        "description": f"safetensors file with tensors {tensors} (with Accept: "
+                       f"application/octet-stream)"}}}}
+
+
+def _wants_binary(request: Request) -> bool:
+    return OCTET_STREAM in request.headers.get("accept", "")
+
+
+def _is_binary(request: Request) -> bool:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in ("", "application/json") or ctype.endswith("+json"):
+        return False
+    if ctype == OCTET_STREAM:
+        return True
+    raise UnsupportedMediaType(f"Unsupported Content-Type {ctype!r}; send application/json or "
+                               f"{OCTET_STREAM} (safetensors)")
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise InvalidInput("Request body is empty; send a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:  # the standard parser accepts NaN/Infinity, so those get their precise message later
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"Request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"Request body must be a JSON object; got {type(data).__name__}")
+    return data
+
+
+def _parse_tensors(body: bytes, allowed: set[str]) -> dict[str, np.ndarray]:
+    if not body:
+        return {}
+    try:
+        tensors = st_load(body)
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise InvalidInput(f"Request body is not a valid safetensors file: {e}") from None
+    extra = sorted(set(tensors) - allowed)
+    if extra:
+        raise InvalidInput(f"Unexpected tensors {extra} in the body; allowed: {sorted(allowed)}")
+    return tensors
+
+
+def _options(cls: type[BaseModel], values: dict[str, Any]) -> Any:
+    try:
+        return cls.model_validate({k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        raise InvalidInput(validation_message(e.errors())) from None
+
+
+ModelQuery = Annotated[str | None, Query(description="Model name (binary requests).",
+                                         examples=["two_moons"])]
+VersionQuery = Annotated[int | None, Query(ge=1, description="Model version (binary requests); "
+                                           "omitted means the latest.")]
+
+
+@router.post(
+    "/log_prob", response_model=LogProbResponse,
+    responses={200: _binary_answer("log_prob"), **_ERRORS},
+    openapi_extra=_binary_doc(LogProbRequest, "x (rows, dim) and optionally context"))
+async def score_points(request: Request, engine: EngineDep, settings: SettingsDep,
+                       model: ModelQuery = None, version: VersionQuery = None) -> Response:
+    """Log density of each row of x under a model (latest version unless version is given)."""
+    binary = _is_binary(request)
+    body = await read_body(request, settings.max_body_bytes)
+    if binary:
+        tensors = _parse_tensors(body, {"x", "context"})
+        if "x" not in tensors:
+            raise InvalidInput("The safetensors body has no tensor 'x'")
+        opts = _options(LogProbOptions, {"model": model, "version": version})
+        x, context = tensors["x"], tensors.get("context")
+    else:
+        data = _parse_json(body)
+        x, context = data.pop("x", None), data.pop("context", None)
+        opts = _options(LogProbOptions, {"model": model, "version": version, **data})
+        if x is None:
+            raise InvalidInput("x: field required (a list of rows)")
+        if isinstance(x, list) and len(x) > settings.max_rows:
+            raise PayloadTooLarge(f"x has {len(x)} rows; the limit is {settings.max_rows}")
+    loaded, log_prob = await engine.log_prob(opts.model, opts.version, x, context)
+    if _wants_binary(request):
+        return Response(st_save({"log_prob": log_prob},
+                                metadata={"model": loaded.name, "version": str(loaded.version)}),
+                        media_type=OCTET_STREAM)
+    return FastJSONResponse({"model": loaded.name, "version": loaded.version,
+                             "log_prob": log_prob})
+
+
+@router.post(
+    "/sample", response_model=SampleResponse,
+    responses={200: _binary_answer("samples (n, dim) and log_prob (n,)"), **_ERRORS},
+    openapi_extra=_binary_doc(SampleRequest, "context (optional, conditional models)"))
+async def draw_samples(
+    request: Request, engine: EngineDep, settings: SettingsDep,
+    model: ModelQuery = None, version: VersionQuery = None,
+    n: Annotated[int | None, Query(ge=1, description="Samples (binary requests).")] = None,
+    seed: Annotated[int | None, Query(ge=0, description="Seed (binary requests).")] = None,
+) -> Response:
+    """Draw n samples and their log densities; the same seed gives the same samples."""
+    binary = _is_binary(request)
+    body = await read_body(request, settings.max_body_bytes)
+    query = {"model": model, "version": version, "n": n, "seed": seed}
+    if binary:
+        context = _parse_tensors(body, {"context"}).get("context")
+        opts = _options(SampleOptions, query)
+    elif not body.strip() and model is not None:  # all options in the query, no body
+        context = None
+        opts = _options(SampleOptions, query)
+    else:
+        data = _parse_json(body)
+        context = data.pop("context", None)
+        opts = _options(SampleOptions, {**query, **data})
+    if opts.n > settings.max_sample_n:
+        raise PayloadTooLarge(f"n = {opts.n} is over the limit of {settings.max_sample_n}")
+    loaded, samples, log_q = await engine.sample(opts.model, opts.version, opts.n,
+                                                 seed=opts.seed, context=context)
+    if _wants_binary(request):
+        return Response(st_save({"samples": samples, "log_prob": log_q},
+                                metadata={"model": loaded.name, "version": str(loaded.version)}),
+                        media_type=OCTET_STREAM)
+    return FastJSONResponse({"model": loaded.name, "version": loaded.version,
+                             "samples": samples, "log_prob": log_q})

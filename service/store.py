@@ -1,0 +1,213 @@
+"""The model store: ``<root>/<name>/<version>/model.safetensors`` on a (maybe shared) file system.
+
+Versions are positive integers written as directory names (``1``, ``2``, …); the latest is the
+highest one that holds a ``model.safetensors``. Nothing is cached about which versions exist, so a
+version published by a worker (or copied in by hand) is servable at once, without a restart.
+
+Publishing is safe against concurrent publishers: a version directory is claimed with an exclusive
+``mkdir`` and the file inside is written atomically (temporary file, fsync, rename) by ``nfcore``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nfcore
+
+__all__ = ["ModelStore", "ModelVersionInfo", "ModelNotFound", "VersionExists", "InvalidName",
+           "ARTIFACT", "NAME_PATTERN"]
+
+ARTIFACT = "model.safetensors"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
+_VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+
+
+class ModelNotFound(LookupError):
+    """No such model name, or no such version of it."""
+
+
+class VersionExists(FileExistsError):
+    """A publish asked for a version number that is already taken."""
+
+
+class InvalidName(ValueError):
+    """A model name that is not a safe directory name."""
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """What the store knows about one version without loading its weights."""
+
+    name: str
+    version: int
+    path: Path
+    size_bytes: int
+    created: datetime
+    metadata: dict[str, str]
+
+
+class ModelStore:
+    """File-system model store rooted at ``root`` (created if missing)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._meta_cache: dict[tuple[str, int, int], dict[str, str]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ names and versions
+    @staticmethod
+    def check_name(name: str) -> str:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidName(
+                f"Expected a model name of 1 to 64 letters, digits, '.', '_' or '-' that starts "
+                f"with a letter or digit; got {name!r}")
+        return name
+
+    def open(self) -> None:
+        """Create the root directory if needed (called by the app's lifespan)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def readable(self) -> bool:
+        return self.root.is_dir() and os.access(self.root, os.R_OK | os.X_OK)
+
+    def names(self) -> list[str]:
+        """Names of the models that have at least one complete version, sorted."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for entry in os.scandir(self.root):
+            if entry.is_dir() and _NAME.match(entry.name) and self.versions(entry.name):
+                out.append(entry.name)
+        return sorted(out)
+
+    def versions(self, name: str) -> list[int]:
+        """Complete versions of ``name`` (those holding a model file), ascending; [] if none."""
+        if not _NAME.match(name):
+            return []
+        folder = self.root / name
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(int(e.name) for e in entries
+                      if _VERSION.match(e.name) and os.path.isfile(os.path.join(e.path, ARTIFACT)))
+
+    def latest(self, name: str) -> int:
+        versions = self.versions(name)
+        if not versions:
+            raise ModelNotFound(f"Unknown model {name!r}; GET /models lists the models")
+        return versions[-1]
+
+    def resolve(self, name: str, version: int | None = None) -> int:
+        """The version a request means: ``version`` if it exists, else the latest."""
+        if version is None:
+            return self.latest(name)
+        if version not in self.versions(name):
+            known = self.versions(name)
+            if not known:
+                raise ModelNotFound(f"Unknown model {name!r}; GET /models lists the models")
+            raise ModelNotFound(f"Model {name!r} has no version {version}; "
+                                f"its versions are {known}")
+        return version
+
+    def path(self, name: str, version: int) -> Path:
+        return self.root / name / str(version) / ARTIFACT
+
+    # ------------------------------------------------------------------ metadata
+    def info(self, name: str, version: int) -> ModelVersionInfo:
+        """Metadata of one version (header only, cached by file identity)."""
+        path = self.path(name, self.resolve(name, version))
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ModelNotFound(f"Model {name!r} has no version {version}") from None
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        meta = self._meta_cache.get(key)
+        if meta is None:
+            meta = nfcore.read_metadata(path)
+            with self._lock:
+                if len(self._meta_cache) > 4096:
+                    self._meta_cache.clear()
+                self._meta_cache[key] = meta
+        return ModelVersionInfo(name=name, version=version, path=path, size_bytes=st.st_size,
+                                created=datetime.fromtimestamp(st.st_mtime, UTC), metadata=meta)
+
+    # ------------------------------------------------------------------ publishing
+    def _claim(self, name: str, version: int | None) -> tuple[int, Path]:
+        """Claim a version directory with an exclusive mkdir; the next free one if ``None``."""
+        self.check_name(name)
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if version is not None:
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise ValueError(f"Expected a positive integer version; got {version!r}")
+            try:
+                (folder / str(version)).mkdir()
+            except FileExistsError:
+                raise VersionExists(f"Model {name!r} already has a version {version}") from None
+            return version, folder / str(version)
+        # Count directories too (a publish in progress has its directory but no file yet).
+        taken = [int(e.name) for e in os.scandir(folder) if _VERSION.match(e.name)]
+        candidate = max(taken, default=0) + 1
+        while True:
+            try:
+                (folder / str(candidate)).mkdir()
+                return candidate, folder / str(candidate)
+            except FileExistsError:
+                candidate += 1
+
+    def publish(self, name: str, flow: nfcore.Flow, metadata: Mapping[str, Any] | None = None,
+                *, version: int | None = None) -> int:
+        """Save ``flow`` as the next version of ``name`` (or as ``version``); returns the version.
+
+        Safe with concurrent publishers, in this process or others sharing the directory.
+        """
+        version, folder = self._claim(name, version)
+        try:
+            nfcore.save(flow, folder / ARTIFACT, metadata=metadata)
+        except BaseException:
+            _remove_empty(folder)
+            raise
+        return version
+
+    def publish_bytes(self, name: str, data: bytes, *, version: int | None = None) -> int:
+        """Write already-validated artifact bytes as the next version (or ``version``)."""
+        version, folder = self._claim(name, version)
+        try:
+            _atomic_write(folder / ARTIFACT, data)
+        except BaseException:
+            _remove_empty(folder)
+            raise
+        return version
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        for leftover in folder.iterdir():
+            if leftover.name.endswith(".tmp"):
+                leftover.unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
