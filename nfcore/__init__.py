@@ -1,5 +1,6 @@
 """nfcore: normalizing flows built from a JSON spec, trained, saved as safetensors, and served."""
 
+from . import targets
 from .artifact import FORMAT_VERSION, load, loads, read_metadata, save, saves
 from .errors import (
     ArtifactError,
@@ -12,9 +13,11 @@ from .errors import (
 )
 from .flow import Flow, build
 from .spec import LAYER_TYPES, PRESETS, normalize_spec
+from .train import FitResult, Progress, TrainingDiverged, fit_density, fit_target
 
 __all__ = [
     "Flow", "build", "save", "saves", "load", "loads", "read_metadata", "normalize_spec",
     "LAYER_TYPES", "PRESETS", "FORMAT_VERSION", "NFCoreError", "SpecError", "ShapeError",
     "ArtifactError", "TargetError", "ExpressionError", "TrainingCancelled",
+    "targets", "fit_density", "fit_target", "FitResult", "Progress", "TrainingDiverged",
 ]

@@ -1,0 +1,14 @@
+"""Training: maximum likelihood on data (``fit_density``) and reverse KL against a target
+(``fit_target``), sharing one loop with schedules, early stopping, cancellation and checkpoints."""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .density import fit_density
+from .loop import SCHEDULES, FitResult, Progress, TrainingDiverged
+from .losses import MaximumLikelihood, ReverseKL, beta_schedule, importance_diagnostics
+from .variational import evaluate_target, fit_target
+
+__all__ = [
+    "fit_density", "fit_target", "evaluate_target", "FitResult", "Progress", "TrainingDiverged",
+    "MaximumLikelihood", "ReverseKL", "beta_schedule", "importance_diagnostics", "SCHEDULES",
+    "save_checkpoint", "load_checkpoint",
+]
