@@ -48,7 +48,10 @@ def as_rows(value: object, what: str, width: int, dtype: type, *, allow_single: 
         arr = np.asarray(value)
     except (ValueError, TypeError) as e:
         raise InvalidInput(f"{what} must be a rectangular array of numbers: {e}") from None
-    if arr.dtype == object or arr.dtype.kind not in "fiub":
+    if arr.dtype == object:
+        raise InvalidInput(f"{what} must be a rectangular array of numbers; it holds null or "
+                           f"non-numeric values")
+    if arr.dtype.kind not in "fiub":
         raise InvalidInput(f"{what} must be a rectangular array of numbers; got elements of "
                            f"type {arr.dtype}")
     if arr.size == 0:

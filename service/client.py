@@ -1,0 +1,359 @@
+"""Python client of the nfserve HTTP API, sync (``Client``) and async (``AsyncClient``), on httpx.
+
+Arrays go in and come out as numpy. Requests with more than ``binary_rows`` rows (and samples with
+``n`` above it) travel as safetensors instead of JSON. Every error answer raises a typed
+``NFServeError`` subclass that carries the server's status code and message.
+
+Example:
+    >>> from service.client import Client
+    >>> with Client("http://127.0.0.1:8000") as nf:          # doctest: +SKIP
+    ...     lp = nf.log_prob("two_moons", [[0.0, 0.5], [1.0, -0.3]])
+    ...     x, log_q = nf.sample("two_moons", 1000, seed=0)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+__all__ = [
+    "Client", "AsyncClient", "NFServeError", "InvalidInput", "NotFound", "Conflict",
+    "PayloadTooLarge", "Unauthorized", "Forbidden", "Overloaded", "ServerError",
+]
+
+OCTET = "application/octet-stream"
+
+
+# ---------------------------------------------------------------------------------- errors
+class NFServeError(Exception):
+    """An error answer from the server (or an unreadable answer)."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(f"{status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+class InvalidInput(NFServeError):
+    """422/400/415: bad JSON, shape, dimension, empty or non-finite input, invalid upload."""
+
+
+class NotFound(NFServeError):
+    """404: unknown model or version."""
+
+
+class Conflict(NFServeError):
+    """409: e.g. the version already exists."""
+
+
+class PayloadTooLarge(NFServeError):
+    """413: over the row, n or body-size limit."""
+
+
+class Unauthorized(NFServeError):
+    """401: missing or invalid API key."""
+
+
+class Forbidden(NFServeError):
+    """403: the key lacks the scope."""
+
+
+class Overloaded(NFServeError):
+    """503: queue full or deadline passed; retry later."""
+
+
+class ServerError(NFServeError):
+    """Any other 5xx."""
+
+
+_ERRORS: dict[int, type[NFServeError]] = {
+    400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
+    413: PayloadTooLarge, 415: InvalidInput, 422: InvalidInput, 503: Overloaded,
+}
+
+
+def _check(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        detail = response.text or response.reason_phrase
+    status = response.status_code
+    cls = _ERRORS.get(status, ServerError if status >= 500 else NFServeError)
+    raise cls(status, str(detail))
+
+
+# ---------------------------------------------------------------------------------- requests
+@dataclass
+class _Call:
+    """One HTTP call, described independently of sync/async, and how to read its answer."""
+
+    method: str
+    url: str
+    parse: Callable[[httpx.Response], Any]
+    params: dict[str, Any] | None = None
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _rows(value: Any, what: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"Expected {what} to be a numeric array; got dtype {arr.dtype}")
+    return arr
+
+
+def _dumps(payload: dict[str, Any]) -> bytes:
+    arrays = [v for v in payload.values() if isinstance(v, np.ndarray)]
+    if all(np.isfinite(a).all() for a in arrays):
+        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    # orjson writes NaN as null; the standard encoder keeps NaN/Infinity so the server can name them
+    return json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v
+                       for k, v in payload.items()}).encode()
+
+
+def _json_body(payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    body = {k: v for k, v in payload.items() if v is not None}
+    return _dumps(body), {"content-type": "application/json"}
+
+
+def _tensors(response: httpx.Response) -> dict[str, np.ndarray]:
+    try:
+        return st_load(response.content)
+    except (SafetensorError, ValueError) as e:
+        raise NFServeError(response.status_code, f"Unreadable safetensors answer: {e}") from None
+
+
+def _log_prob_call(model: str, x: Any, context: Any, version: int | None,
+                   binary: bool | None, threshold: int) -> _Call:
+    x = _rows(x, "x")
+    ctx = None if context is None else _rows(context, "context")
+    if binary is None:
+        binary = x.ndim == 2 and x.shape[0] > threshold
+    if binary:
+        tensors = {"x": np.ascontiguousarray(x)}
+        if ctx is not None:
+            tensors["context"] = np.ascontiguousarray(ctx)
+        params = {"model": model, **({"version": version} if version is not None else {})}
+
+        def parse(r: httpx.Response) -> np.ndarray:
+            return _tensors(r)["log_prob"]
+
+        return _Call("POST", "/log_prob", parse, params=params, content=st_save(tensors),
+                     headers={"content-type": OCTET, "accept": OCTET})
+    content, headers = _json_body({"model": model, "version": version, "x": x, "context": ctx})
+
+    def parse_json(r: httpx.Response) -> np.ndarray:
+        return np.asarray(orjson.loads(r.content)["log_prob"], dtype=np.float64)
+
+    return _Call("POST", "/log_prob", parse_json, content=content, headers=headers)
+
+
+def _sample_call(model: str, n: int, seed: int | None, context: Any, version: int | None,
+                 binary: bool | None, threshold: int) -> _Call:
+    ctx = None if context is None else _rows(context, "context")
+    if binary is None:
+        binary = n > threshold
+    if binary:
+        params = {k: v for k, v in {"model": model, "version": version, "n": n,
+                                    "seed": seed}.items() if v is not None}
+        content = st_save({"context": np.ascontiguousarray(ctx)}) if ctx is not None else b""
+
+        def parse(r: httpx.Response) -> tuple[np.ndarray, np.ndarray]:
+            t = _tensors(r)
+            return t["samples"], t["log_prob"]
+
+        return _Call("POST", "/sample", parse, params=params, content=content,
+                     headers={"content-type": OCTET, "accept": OCTET})
+    content, headers = _json_body({"model": model, "version": version, "n": n, "seed": seed,
+                                   "context": ctx})
+
+    def parse_json(r: httpx.Response) -> tuple[np.ndarray, np.ndarray]:
+        data = orjson.loads(r.content)
+        return (np.asarray(data["samples"], dtype=np.float64),
+                np.asarray(data["log_prob"], dtype=np.float64))
+
+    return _Call("POST", "/sample", parse_json, content=content, headers=headers)
+
+
+def _json(r: httpx.Response) -> Any:
+    return r.json()
+
+
+def _upload_call(name: str, data: bytes | str | os.PathLike, version: int | None) -> _Call:
+    if not isinstance(data, bytes | bytearray):
+        data = Path(data).read_bytes()
+    params = {"name": name, **({"version": version} if version is not None else {})}
+    return _Call("POST", "/models", _json, params=params, content=bytes(data),
+                 headers={"content-type": OCTET})
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None, binary_rows: int):
+        self.base_url = base_url.rstrip("/")
+        self.binary_rows = binary_rows
+        self._auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def _kwargs(self, call: _Call) -> dict[str, Any]:
+        return {"params": call.params, "content": call.content,
+                "headers": {**self._auth, **call.headers}}
+
+
+class Client(_Base):
+    """Synchronous client.
+
+    Arguments:
+        base_url: the server, e.g. ``http://127.0.0.1:8000``.
+        api_key: sent as ``Authorization: Bearer <key>`` when given.
+        timeout: seconds per request.
+        binary_rows: above this many rows (or samples), use safetensors instead of JSON.
+        http: an existing ``httpx.Client`` to send through (e.g. a ``TestClient``); its own
+            base URL is used.
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 timeout: float = 120.0, binary_rows: int = 1000,
+                 http: httpx.Client | None = None):
+        super().__init__(base_url, api_key, binary_rows)
+        self._owned = http is None
+        self.http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def _do(self, call: _Call) -> Any:
+        response = self.http.request(call.method, call.url, **self._kwargs(call))
+        return call.parse(_check(response))
+
+    def _get(self, url: str, parse: Callable[[httpx.Response], Any] = _json,
+             params: dict[str, Any] | None = None) -> Any:
+        return self._do(_Call("GET", url, parse, params=params))
+
+    # inference
+    def log_prob(self, model: str, x: Any, *, context: Any = None, version: int | None = None,
+                 binary: bool | None = None) -> np.ndarray:
+        """log p(x) for each row of ``x`` (shape (N, dim)) under ``model``."""
+        return self._do(_log_prob_call(model, x, context, version, binary, self.binary_rows))
+
+    def sample(self, model: str, n: int, *, seed: int | None = None, context: Any = None,
+               version: int | None = None, binary: bool | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """``(samples, log_prob)``: ``n`` samples of ``model``; a seed makes them reproducible."""
+        return self._do(_sample_call(model, n, seed, context, version, binary, self.binary_rows))
+
+    # models
+    def models(self) -> list[dict[str, Any]]:
+        """Every model: name, versions, latest, dim, context_dim."""
+        return self._get("/models")["data"]
+
+    def model(self, name: str) -> dict[str, Any]:
+        """One model with all its versions' metadata."""
+        return self._get(f"/models/{name}")
+
+    def download_model(self, name: str, version: int) -> bytes:
+        """The bytes of a version's model.safetensors."""
+        return self._get(f"/models/{name}/versions/{version}/artifact", lambda r: r.content)
+
+    def upload_model(self, name: str, data: bytes | str | os.PathLike, *,
+                     version: int | None = None) -> dict[str, Any]:
+        """Upload a model.safetensors (bytes or path) as the next version (or ``version``)."""
+        return self._do(_upload_call(name, data, version))
+
+    def plot(self, name: str, *, version: int | None = None, **params: Any) -> bytes:
+        """PNG of a 2-D model's density and samples."""
+        query = {k: v for k, v in {"version": version, **params}.items() if v is not None}
+        return self._get(f"/models/{name}/plot.png", lambda r: r.content, query)
+
+    # health
+    def live(self) -> dict[str, Any]:
+        return self._get("/health/live")
+
+    def ready(self) -> dict[str, Any]:
+        return self._get("/health/ready")
+
+    def metrics(self) -> str:
+        return self._get("/metrics", lambda r: r.text)
+
+    def close(self) -> None:
+        if self._owned:
+            self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """Asynchronous client; the same methods as ``Client``, awaited."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 timeout: float = 120.0, binary_rows: int = 1000,
+                 http: httpx.AsyncClient | None = None, max_connections: int = 100):
+        super().__init__(base_url, api_key, binary_rows)
+        self._owned = http is None
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=max_connections)
+        self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
+                                              limits=limits)
+
+    async def _do(self, call: _Call) -> Any:
+        response = await self.http.request(call.method, call.url, **self._kwargs(call))
+        return call.parse(_check(response))
+
+    async def _get(self, url: str, parse: Callable[[httpx.Response], Any] = _json,
+                   params: dict[str, Any] | None = None) -> Any:
+        return await self._do(_Call("GET", url, parse, params=params))
+
+    async def log_prob(self, model: str, x: Any, *, context: Any = None,
+                       version: int | None = None, binary: bool | None = None) -> np.ndarray:
+        return await self._do(_log_prob_call(model, x, context, version, binary,
+                                             self.binary_rows))
+
+    async def sample(self, model: str, n: int, *, seed: int | None = None, context: Any = None,
+                     version: int | None = None, binary: bool | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        return await self._do(_sample_call(model, n, seed, context, version, binary,
+                                           self.binary_rows))
+
+    async def models(self) -> list[dict[str, Any]]:
+        return (await self._get("/models"))["data"]
+
+    async def model(self, name: str) -> dict[str, Any]:
+        return await self._get(f"/models/{name}")
+
+    async def download_model(self, name: str, version: int) -> bytes:
+        return await self._get(f"/models/{name}/versions/{version}/artifact", lambda r: r.content)
+
+    async def upload_model(self, name: str, data: bytes | str | os.PathLike, *,
+                           version: int | None = None) -> dict[str, Any]:
+        return await self._do(_upload_call(name, data, version))
+
+    async def live(self) -> dict[str, Any]:
+        return await self._get("/health/live")
+
+    async def ready(self) -> dict[str, Any]:
+        return await self._get("/health/ready")
+
+    async def metrics(self) -> str:
+        return await self._get("/metrics", lambda r: r.text)
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
