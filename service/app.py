@@ -12,6 +12,7 @@ What lives on ``app.state``:
   append to it to add a check (the job queue does).
 - ``store``: the ``ModelStore`` (set by the lifespan).
 - ``engine``: the ``InferenceEngine``, model cache and batchers (set by the lifespan).
+- ``db`` and ``queue``: the job store and the job queue (``service.jobs.open_jobs``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi import FastAPI
 
 from .errors import install_error_handlers
 from .inference import InferenceEngine
+from .jobs import close_jobs, open_jobs
 from .metrics import Metrics, MetricsMiddleware
 from .settings import Settings, get_settings
 from .store import ModelStore
@@ -71,15 +73,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = ModelStore(settings.models_dir)
     app.state.store.open()
     app.state.engine = InferenceEngine(settings, app.state.store, app.state.metrics)
+    await asyncio.to_thread(open_jobs, app)  # job store (db) and queue, with their checks
     try:
         yield
     finally:
         await asyncio.to_thread(app.state.engine.close)
+        await asyncio.to_thread(close_jobs, app)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API. ``settings`` defaults to ``get_settings()`` (environment and ``.env``)."""
-    from .routers import health, inference, models
+    from .routers import datasets, health, inference, jobs, models
 
     settings = settings or get_settings()
     app = FastAPI(title="nfserve", version="1", description=DESCRIPTION, lifespan=lifespan)
@@ -93,6 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health.router,
         inference.router,
         models.router,
+        jobs.router,
+        datasets.router,
     ]
     for router in routers:
         app.include_router(router)

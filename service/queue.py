@@ -98,7 +98,8 @@ class JobQueue:
     def __init__(self, settings: Any, *, handler: Callable[[str], None] | None = None):
         self.huey = make_huey(settings)
         self.handler = handler
-        self._task = self.huey.task(name=TASK_NAME)(self._run)
+        # Only infrastructure errors (database unreachable at claim) escape the handler; retry them.
+        self._task = self.huey.task(name=TASK_NAME, retries=5, retry_delay=2)(self._run)
 
     @property
     def is_redis(self) -> bool:

@@ -1,5 +1,5 @@
 """One router per resource; ``service.app.create_app`` registers them in one list."""
 
-from . import health, inference, models
+from . import datasets, health, inference, jobs, models
 
-__all__ = ["health", "inference", "models"]
+__all__ = ["datasets", "health", "inference", "jobs", "models"]

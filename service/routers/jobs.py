@@ -1,0 +1,79 @@
+"""Training jobs over HTTP: submit (``POST /train``), list, read and cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse
+
+from ..db import Database
+from ..deps import ReadAccess, SettingsDep, WriteAccess
+from ..jobs import cancel_job, list_jobs, read_job, submit_job
+from ..jobs_schemas import JobAccepted, JobCreate, JobPublic, JobsPublic, job_public
+from ..queue import JobQueue
+from ..schemas import ErrorPublic
+
+__all__ = ["router", "DatabaseDep", "QueueDep"]
+
+
+def get_database(request: Request) -> Database:
+    return request.app.state.db
+
+
+def get_queue(request: Request) -> JobQueue:
+    return request.app.state.queue
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+
+router = APIRouter(tags=["jobs"])
+
+_ERR = {code: {"model": ErrorPublic, "description": text} for code, text in [
+    (401, "Missing or invalid API key"), (403, "Key lacks the scope"), (404, "Unknown job"),
+    (422, "Invalid spec, objective, expression or options"), (503, "Queue unreachable")]}
+
+JobIdPath = Annotated[str, Path(description="Job id from POST /train.", max_length=64)]
+
+
+@router.post("/train", status_code=202, response_model=JobAccepted, dependencies=[WriteAccess],
+             responses=_ERR)
+def create_train_job(body: JobCreate, db: DatabaseDep, queue: QueueDep,
+                     settings: SettingsDep) -> JSONResponse:
+    """Queue a training job; poll its ``status_url`` for progress and the resulting model."""
+    job = submit_job(body, db=db, queue=queue, settings=settings)
+    url = f"/jobs/{job.id}"
+    accepted = JobAccepted(job_id=job.id, status=job.status, status_url=url)
+    return JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": url})
+
+
+@router.get("/jobs", response_model=JobsPublic, dependencies=[ReadAccess], responses=_ERR)
+def read_jobs(
+    db: DatabaseDep,
+    status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
+                      Query(description="Only jobs in this state.")] = None,
+    name: Annotated[str | None, Query(description="Only jobs training this model.",
+                                      max_length=128)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobsPublic:
+    """Jobs, newest first, with their status, progress and result."""
+    jobs, count = list_jobs(db, status=status, name=name, limit=limit, offset=offset)
+    return JobsPublic(data=[job_public(j) for j in jobs], count=count)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic, dependencies=[ReadAccess],
+            responses=_ERR)
+def read_job_status(job_id: JobIdPath, db: DatabaseDep) -> JobPublic:
+    """One job: status, progress (step, total, loss, val_loss, elapsed, eta), result or error."""
+    return job_public(read_job(db, job_id))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobPublic, dependencies=[WriteAccess],
+               responses={**_ERR, 409: {"model": ErrorPublic,
+                                        "description": "The job already finished"}})
+def delete_job(job_id: JobIdPath, db: DatabaseDep) -> JobPublic:
+    """Cancel a job: a queued one never starts; a running one stops within a step and publishes
+    nothing."""
+    return job_public(cancel_job(db, job_id))
