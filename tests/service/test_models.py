@@ -1,0 +1,162 @@
+"""The model store (layout, versions, concurrent publishing) and the /models routes."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+import nfcore
+from service.client import Client, Conflict, InvalidInput, NotFound, PayloadTooLarge
+from service.store import ModelNotFound, ModelStore, VersionExists
+
+from .conftest import TINY, Server, write_model
+
+
+# ---------------------------------------------------------------------------------- store
+def test_store_lists_complete_integer_versions_only(tmp_path: Path) -> None:
+    write_model(tmp_path, "a", version=1)
+    write_model(tmp_path, "a", version=10)
+    (tmp_path / "a" / "2").mkdir()  # a publish in progress: no file yet
+    (tmp_path / "a" / "latest").mkdir()
+    (tmp_path / "a" / "03").mkdir()
+    (tmp_path / "empty").mkdir()
+    store = ModelStore(tmp_path)
+    assert store.names() == ["a"]
+    assert store.versions("a") == [1, 10]
+    assert store.latest("a") == 10
+    assert store.resolve("a", None) == 10
+    with pytest.raises(ModelNotFound, match="no version 2"):
+        store.resolve("a", 2)
+    with pytest.raises(ModelNotFound, match="Unknown model 'empty'"):
+        store.latest("empty")
+
+
+def test_store_publish_takes_next_version_and_roundtrips(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    flow = nfcore.build(TINY)
+    assert store.publish("m", flow, {"training": {"steps": 1}}) == 1
+    assert store.publish("m", flow) == 2
+    loaded = nfcore.load(store.path("m", 2))
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(loaded.log_prob(x), flow.log_prob(x))
+    assert store.info("m", 1).metadata["training"] == '{"steps": 1}'
+    with pytest.raises(VersionExists):
+        store.publish("m", flow, version=2)
+
+
+def test_concurrent_publishers_get_distinct_versions(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    flow = nfcore.build(TINY)
+    versions: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def publish() -> None:
+        barrier.wait()
+        versions.append(ModelStore(tmp_path).publish("race", flow))
+
+    threads = [threading.Thread(target=publish) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(versions) == list(range(1, 9))
+    assert store.versions("race") == list(range(1, 9))
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 65])
+def test_store_rejects_unsafe_names(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="Expected a model name"):
+        ModelStore(tmp_path).publish(name, nfcore.build(TINY))
+
+
+# ---------------------------------------------------------------------------------- routes
+def test_list_models(client: Client) -> None:
+    models = {m["name"]: m for m in client.models()}
+    assert {"tiny", "tiny3", "cond"} <= set(models)
+    assert models["tiny3"]["dim"] == 3 and models["tiny3"]["latest"] == 1
+    assert models["cond"]["context_dim"] == 1
+
+
+def test_read_model_shows_spec_metadata_and_hash(client: Client) -> None:
+    info = client.model("tiny")
+    assert info["name"] == "tiny" and info["latest"] == 1
+    v = info["versions"][0]
+    assert v["spec"]["dim"] == 2 and v["spec"]["layers"]
+    assert v["metadata"]["training"] == {"objective": "test", "seed": 0}
+    assert v["hash"].startswith("sha256:") and v["size_bytes"] > 0
+    assert v["artifact_url"] == "/models/tiny/versions/1/artifact"
+
+
+def test_read_unknown_model_is_404(client: Client) -> None:
+    with pytest.raises(NotFound, match="Unknown model 'ghost'"):
+        client.model("ghost")
+    with pytest.raises(NotFound, match="no version 4"):
+        client.download_model("tiny", 4)
+
+
+def test_download_artifact_is_the_stored_file(server: Server, client: Client) -> None:
+    data = client.download_model("tiny", 1)
+    assert data == (server.models_dir / "tiny" / "1" / "model.safetensors").read_bytes()
+    assert nfcore.loads(data).dim == 2
+
+
+def test_upload_stores_next_version_and_serves_it(server: Server, client: Client) -> None:
+    torch.manual_seed(5)
+    flow = nfcore.build(TINY)
+    data = nfcore.saves(flow, metadata={"note": "uploaded"})
+    first = client.upload_model("uploaded", data)
+    assert first["version"] == 1 and first["dim"] == 2
+    second = client.upload_model("uploaded", data)
+    assert second["version"] == 2
+    assert (server.models_dir / "uploaded" / "2" / "model.safetensors").read_bytes() == data
+    x = np.array([[0.1, 0.2]])
+    with torch.inference_mode():
+        want = flow.log_prob(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(client.log_prob("uploaded", x), want, rtol=1e-5)
+
+
+def test_upload_to_existing_version_conflicts(client: Client) -> None:
+    data = nfcore.saves(nfcore.build(TINY))
+    client.upload_model("pinned", data, version=5)
+    with pytest.raises(Conflict, match="already has a version 5") as e:
+        client.upload_model("pinned", data, version=5)
+    assert e.value.status_code == 409
+
+
+def test_upload_rejects_malformed_file(client: Client) -> None:
+    with pytest.raises(InvalidInput, match="Malformed model upload: Truncated"):
+        client.upload_model("bad", b"\x00\x01")
+    good = bytearray(nfcore.saves(nfcore.build(TINY)))
+    good[-3] ^= 0xFF  # flip weight bytes: the content hash no longer matches
+    with pytest.raises(InvalidInput, match="content hash"):
+        client.upload_model("bad", bytes(good))
+    with pytest.raises(InvalidInput, match="Upload is empty"):
+        client.upload_model("bad", b"")
+    with pytest.raises(NotFound):
+        client.model("bad")  # nothing was stored
+
+
+def test_upload_rejects_oversized_file(client: Client) -> None:
+    with pytest.raises(PayloadTooLarge, match="Upload of 200001 bytes is over the limit"):
+        client.upload_model("big", b"\x00" * 200_001)
+
+
+def test_upload_rejects_bad_name(server: Server) -> None:
+    r = httpx.post(server.url + "/models", params={"name": "../etc"}, content=b"x")
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith("query.name: String should match pattern")
+
+
+def test_plot_of_a_2d_model_is_a_png(client: Client) -> None:
+    png = client.plot("tiny", n=200, grid=32)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_a_3d_model_is_refused(client: Client) -> None:
+    with pytest.raises(InvalidInput, match="model tiny3:1 has dim 3"):
+        client.plot("tiny3")
