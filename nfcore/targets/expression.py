@@ -39,7 +39,7 @@ from .base import Target
 __all__ = ["compile_expression", "from_expression", "FUNCTIONS", "LIMITS"]
 
 #: Size bounds on expressions and constants.
-LIMITS = {"length": 10_000, "nodes": 2_000, "depth": 48, "constants": 64,
+LIMITS = {"length": 10_000, "nodes": 2_000, "depth": 100, "constants": 64,
           "constant_size": 10_000, "total_constant_size": 100_000, "dim": 4096}
 
 _ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {
@@ -91,7 +91,27 @@ class _Node:
 
 
 def _pos(node: ast.AST) -> tuple[int, int]:
-    return (getattr(node, "lineno", 1), getattr(node, "col_offset", 0))
+    # The text is parsed as one line: the column is a UTF-8 byte offset into it, mapped back later.
+    return (1, getattr(node, "col_offset", 0))
+
+
+def _locator(text: str, flat: str, indent: int) -> Callable[..., tuple[int, int]]:
+    """Map an offset into the one-line ``flat`` text (``text`` less ``indent`` leading blanks) to
+    ``(line, column)`` of ``text``."""
+    encoded = flat.encode()
+    starts = [0]
+    for i, ch in enumerate(text):
+        if ch == "\n":
+            starts.append(i + 1)
+
+    def locate(offset: int, chars: bool = False) -> tuple[int, int]:
+        if not chars:
+            offset = len(encoded[:offset].decode(errors="ignore"))
+        offset = min(offset + indent, len(text))
+        line = max(i for i, start in enumerate(starts) if start <= offset)
+        return (line + 1, offset - starts[line])
+
+    return locate
 
 
 def _describe(node: ast.AST) -> str:
@@ -188,7 +208,9 @@ class _Compiler:
     def visit_Compare(self, node: ast.Compare) -> _Node:
         if len(node.ops) != 1:
             raise ExpressionError("Chained comparisons are not allowed", _pos(node))
-        op = _COMPARISONS[type(node.ops[0])]  # every ast.cmpop outside these is 'is'/'in'
+        if type(node.ops[0]) not in _COMPARISONS:
+            raise ExpressionError("Only < <= > >= == != comparisons are allowed", _pos(node))
+        op = _COMPARISONS[type(node.ops[0])]
         a, b = self.real(node.left), self.real(node.comparators[0])
         width = _broadcast([a.width, b.width], node)
         return _Node(lambda env: op(a.run(env), b.run(env)), width, boolean=True)
@@ -330,23 +352,35 @@ def compile_expression(
     if not text.strip():
         raise ExpressionError("Expression is empty")
     values = _constants(constants)
+    # Line breaks become spaces, so an expression may span lines without changing any offset;
+    # positions are mapped back to (line, column) of the original text.
+    flat = text.replace("\r", " ").replace("\n", " ")
+    indent = len(flat) - len(flat.lstrip(" \t"))
+    flat = flat[indent:]
+    locate = _locator(text, flat, indent)
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(flat, mode="eval")
     except SyntaxError as e:
-        line = e.lineno or 1
-        col = max((e.offset or 1) - 1, 0)
-        raise ExpressionError(f"Syntax error: {e.msg}", (line, col)) from None
+        raise ExpressionError(f"Syntax error: {e.msg}", locate(max((e.offset or 1) - 1, 0),
+                                                               chars=True)) from None
     except (ValueError, RecursionError, MemoryError) as e:
         raise ExpressionError(f"Cannot parse the expression: {type(e).__name__}") from None
-    _check_size(tree)
-    compiler = _Compiler(dim, values)
-    root = compiler.visit(tree)
-    if root.boolean:
-        raise ExpressionError("The expression is a comparison; it must give a number per sample",
-                              _pos(tree.body))
-    if root.width not in (None, 1):
-        raise ExpressionError(f"The expression gives {root.width} values per sample; log_prob must "
-                              "give one (reduce it with sum, norm or logsumexp)", _pos(tree.body))
+    try:
+        _check_size(tree)
+        compiler = _Compiler(dim, values)
+        root = compiler.visit(tree)
+        if root.boolean:
+            raise ExpressionError("The expression is a comparison; it must give a number per "
+                                  "sample", _pos(tree.body))
+        if root.width not in (None, 1):
+            raise ExpressionError(f"The expression gives {root.width} values per sample; log_prob "
+                                  "must give one (reduce it with sum, norm or logsumexp)",
+                                  _pos(tree.body))
+    except ExpressionError as e:
+        if e.position is None:
+            raise
+        message = str(e).rsplit(" at line ", 1)[0]
+        raise ExpressionError(message, locate(e.position[1])) from None
     materialized: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     raw = compiler.values
 
