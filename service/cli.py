@@ -11,6 +11,8 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 
+from .cli_jobs import COMMANDS as JOB_COMMANDS
+
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 
@@ -24,14 +26,24 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port,
                                    "models_dir": args.models_dir}.items() if v is not None}
     settings = Settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=args.log_level, access_log=args.access_log)
+    # Embedded mode: one worker process beside the API, so one command gives a service that trains.
+    from .worker import start_embedded_worker, stop_embedded_worker
+
+    worker = start_embedded_worker(settings) if settings.embedded_worker else None
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    log_level=args.log_level, access_log=args.access_log)
+    finally:
+        if worker is not None:
+            stop_embedded_worker(worker)
     return 0
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="run the HTTP API",
-                              description="Run the HTTP API (uvicorn) on the model store.")
+    p = subparsers.add_parser("serve", help="run the HTTP API (and one worker)",
+                              description="Run the HTTP API (uvicorn) on the model store, plus "
+                                          "one training worker process unless "
+                                          "NFSERVE_EMBEDDED_WORKER=false.")
     p.add_argument("--host", default=None, help="bind address (NFSERVE_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (NFSERVE_PORT, default 8000)")
     p.add_argument("--models-dir", default=None, help="model store (NFSERVE_MODELS_DIR)")
@@ -44,6 +56,7 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
+    *JOB_COMMANDS,  # worker, train, sample, models
 ]
 
 

@@ -13,8 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +202,26 @@ def _upload_call(name: str, data: bytes | str | os.PathLike, version: int | None
                  headers={"content-type": OCTET})
 
 
+def _dataset_call(data: Any, filename: str | None, format: str | None) -> _Call:
+    if isinstance(data, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, data, allow_pickle=False)
+        data, format = buf.getvalue(), format or "npy"
+    elif not isinstance(data, bytes | bytearray):
+        filename = filename or Path(data).name
+        data = Path(data).read_bytes()
+    params = {k: v for k, v in {"filename": filename, "format": format}.items() if v is not None}
+    return _Call("POST", "/datasets", _json, params=params, content=bytes(data),
+                 headers={"content-type": OCTET})
+
+
+def _train_call(name: str, flow: dict[str, Any], objective: dict[str, Any],
+                training: dict[str, Any] | None) -> _Call:
+    body = {"name": name, "flow": flow, "objective": objective, "training": training or {}}
+    return _Call("POST", "/train", _json, content=_dumps(body),
+                 headers={"content-type": "application/json"})
+
+
 class _Base:
     def __init__(self, base_url: str, api_key: str | None, binary_rows: int):
         self.base_url = base_url.rstrip("/")
@@ -272,6 +294,47 @@ class Client(_Base):
         """PNG of a 2-D model's density and samples."""
         query = {k: v for k, v in {"version": version, **params}.items() if v is not None}
         return self._get(f"/models/{name}/plot.png", lambda r: r.content, query)
+
+    # training data and jobs
+    def upload_dataset(self, data: Any, *, filename: str | None = None,
+                       format: str | None = None) -> dict[str, Any]:
+        """Upload training data: a numpy array, or the bytes or path of a CSV, .npy or safetensors
+        file. Returns id, rows and dim."""
+        return self._do(_dataset_call(data, filename, format))
+
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._get(f"/datasets/{dataset_id}")
+
+    def train(self, name: str, flow: dict[str, Any], objective: dict[str, Any],
+              training: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue a training job; returns ``{job_id, status, status_url}``."""
+        return self._do(_train_call(name, flow, objective, training))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """A job's status, progress, result and error."""
+        return self._get(f"/jobs/{job_id}")
+
+    def jobs(self, *, status: str | None = None, name: str | None = None,
+             limit: int = 100) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"status": status, "name": name, "limit": limit}.items()
+                  if v is not None}
+        return self._get("/jobs", params=params)["data"]
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running job (409 if it already finished)."""
+        return self._do(_Call("DELETE", f"/jobs/{job_id}", _json))
+
+    def wait_job(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5
+                 ) -> dict[str, Any]:
+        """Poll until the job is succeeded, failed or cancelled; ``TimeoutError`` past ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Job {job_id} still {job['status']} after {timeout} s")
+            time.sleep(poll)
 
     # health
     def live(self) -> dict[str, Any]:
