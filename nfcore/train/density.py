@@ -18,7 +18,7 @@ from .checkpoint import clone_state
 from .loop import FitResult, Loop, Progress, check_common, finite_or_none, generator
 from .losses import MaximumLikelihood
 
-__all__ = ["fit_density"]
+__all__ = ["fit_density", "split"]
 
 _EVAL_CHUNK = 8192
 
@@ -47,6 +47,13 @@ def _digest(*tensors: Tensor | None) -> str:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def split(n: int, validation_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """The ``(train, validation)`` row indices ``fit_density`` uses for ``n`` rows."""
+    n_val = 0 if validation_fraction == 0 else min(max(1, round(n * validation_fraction)), n - 1)
+    order = torch.randperm(n, generator=generator(seed, 0))
+    return order[n_val:], order[:n_val]
 
 
 @torch.no_grad()
@@ -86,8 +93,8 @@ def fit_density(
 
     The data are split (by ``seed``) into training and validation rows; ``flow.initialize`` fits the
     ``standardize``/``actnorm`` layers to the training rows first, so ``log_prob`` stays in data units.
-    The validation loss is computed every ``validate_every`` steps (default: once per epoch, at most
-    every 100 steps); after ``patience`` checks without improvement training stops, and the best
+    The validation loss is computed every ``validate_every`` steps (default: once per epoch, but
+    every 20 to 100 steps); after ``patience`` checks without improvement training stops, and the best
     weights are restored at the end. With ``validation_fraction=0`` there is no early stopping.
 
     Arguments:
@@ -143,9 +150,8 @@ def fit_density(
                                  or patience < 1):
         raise ValueError(f"Expected patience to be a positive integer or None; got {patience!r}")
 
-    n_val = 0 if validation_fraction == 0 else min(max(1, round(n * validation_fraction)), n - 1)
-    order = torch.randperm(n, generator=generator(seed, 0)).to(x.device)
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    train_idx, val_idx = (i.to(x.device) for i in split(n, validation_fraction, seed))
+    n_val = val_idx.shape[0]
     x_train, x_val = x[train_idx], x[val_idx]
     c_train = None if ctx is None else ctx[train_idx]
     c_val = None if ctx is None else ctx[val_idx]
@@ -162,7 +168,7 @@ def fit_density(
         total = 2000 if steps is None else steps
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
             raise ValueError(f"Expected steps to be a positive integer; got {steps!r}")
-    every = validate_every or min(per_epoch, 100)
+    every = validate_every or min(max(per_epoch, 20), 100)
 
     flow.initialize(x_train, c_train)
     loop = Loop(flow, total=total, lr=lr, weight_decay=weight_decay, schedule=schedule,

@@ -25,6 +25,14 @@ EIGHT_SCHOOLS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_eight_schools_matches_hand_written_torch():
     target = from_expression(**EIGHT_SCHOOLS)
     z = torch.randn(64, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
