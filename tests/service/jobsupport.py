@@ -282,14 +282,14 @@ def _tool(name: str) -> str | None:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
-    """A libpq DSN of a PostgreSQL server we may create databases on: $NFSERVE_TEST_POSTGRES_URL,
-    127.0.0.1:5432 (user postgres, database test), or a temporary cluster started here."""
+    """A libpq DSN of a PostgreSQL server we may create databases on: $NFSERVE_TEST_POSTGRES_URL
+    (else 127.0.0.1:5432, user postgres, database test) or, when that does not answer, a
+    temporary cluster started here."""
     import psycopg
 
-    candidates = [os.environ["NFSERVE_TEST_POSTGRES_URL"]] if os.environ.get(
-        "NFSERVE_TEST_POSTGRES_URL") else []
-    candidates += ["postgresql://postgres@127.0.0.1:5432/test",
-                   "postgresql://postgres@127.0.0.1:5432/postgres"]
+    given = os.environ.get("NFSERVE_TEST_POSTGRES_URL")
+    candidates = [given] if given else ["postgresql://postgres@127.0.0.1:5432/test",
+                                        "postgresql://postgres@127.0.0.1:5432/postgres"]
     for dsn in candidates:
         try:
             _pg_connect(dsn).close()
