@@ -49,14 +49,19 @@ def _json_arg(value: str, what: str) -> Any:
 def run_worker_command(args: argparse.Namespace) -> int:
     import logging
 
-    from .worker import run_worker
+    from .worker import check_worker, run_worker
 
+    settings = _settings(worker_threads=args.threads, device=args.device,
+                         models_dir=args.models_dir, data_dir=args.data_dir)
+    if args.check:
+        problems = check_worker(settings)
+        for problem in problems:
+            print(f"nfserve worker: {problem}", file=sys.stderr)
+        return 1 if problems else 0
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s [worker %(process)d] "
                                "%(message)s")
-    run_worker(_settings(worker_threads=args.threads, device=args.device,
-                         models_dir=args.models_dir, data_dir=args.data_dir),
-               parent_pid=args.parent_pid)
+    run_worker(settings, parent_pid=args.parent_pid)
     return 0
 
 
@@ -73,6 +78,9 @@ def add_worker(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="datasets, checkpoints (NFSERVE_DATA_DIR)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--check", action="store_true",
+                   help="only check that the job store, queue and model store are reachable "
+                        "(exit 0) or not (exit 1): the container health check")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_worker_command)
 

@@ -35,8 +35,8 @@ from .queue import JobQueue
 from .store import ModelStore
 from .tasks import JobRunner, checkpoint_path, worker_name
 
-__all__ = ["reap", "run_worker", "start_embedded_worker", "stop_embedded_worker",
-           "settings_env", "main"]
+__all__ = ["reap", "resend_orphans", "run_worker", "check_worker", "start_embedded_worker",
+           "stop_embedded_worker", "settings_env", "main"]
 
 log = logging.getLogger("nfserve.worker")
 
@@ -186,6 +186,28 @@ def run_worker(settings: Any, *, parent_pid: int | None = None) -> None:
         shutdown.set()
         queue.close()
         db.dispose()
+
+
+def check_worker(settings: Any) -> list[str]:
+    """What would stop a worker from working (``nfserve worker --check``, the container health
+    check): the job store, the queue and the model store must be reachable. [] when healthy."""
+    problems = []
+    try:
+        db = Database.from_settings(settings)
+        db.ping()
+        db.dispose()
+    except Exception as e:
+        problems.append(f"job store unreachable: {type(e).__name__}: {e}")
+    try:
+        queue = JobQueue(settings)
+        queue.ping()
+        queue.close()
+    except Exception as e:
+        problems.append(f"queue unreachable: {type(e).__name__}: {e}")
+    models = Path(settings.models_dir)
+    if not (models.is_dir() and os.access(models, os.W_OK)):
+        problems.append(f"model store {models} is not a writable directory")
+    return problems
 
 
 # ---------------------------------------------------------------------- embedded mode
