@@ -212,7 +212,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--data", help="CSV, .npy or safetensors file of training rows")
     src.add_argument("--target", help="built-in or plugin target (U1-U4, banana, funnel, …)")
     src.add_argument("--target-options", default="{}", help="JSON options of --target")
-    src.add_argument("--expression", help="log-density expression in z")
+    src.add_argument("--expression", help="log-density expression in z (write --expression=EXPR "
+                                          "when it starts with a minus sign)")
     src.add_argument("--dim", type=int, help="dimension of z for --expression")
     src.add_argument("--constants", default="{}", help="JSON constants of --expression")
     arch = p.add_argument_group("flow")
