@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +22,8 @@ class Target:
         log_prob: maps ``z`` of shape ``(N, dim)`` to ``log p~(z)`` of shape ``(N,)``.
         log_z: ``log`` of the normalizing constant ``int p~(z) dz`` when known, else ``None``.
         sampler: optional ``sampler(n, generator) -> Tensor (n, dim)`` of exact samples.
+        description: free text for people.
+        spec: JSON that rebuilds it through ``nfcore.targets.from_spec`` (built-ins, expressions).
 
     Example:
         >>> import torch
@@ -38,6 +41,7 @@ class Target:
         log_z: float | None = None,
         sampler: Callable[[int, torch.Generator | None], Tensor] | None = None,
         description: str = "",
+        spec: dict[str, Any] | None = None,
     ):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise TargetError(f"Expected a positive integer dim; got {dim!r}")
@@ -49,6 +53,8 @@ class Target:
         self.log_z = None if log_z is None else float(log_z)
         self._sampler = sampler
         self.description = description
+        #: A JSON description that rebuilds the target (``targets.from_spec``), when there is one.
+        self.spec = spec
 
     def __repr__(self) -> str:
         return f"Target({self.name!r}, dim={self.dim}, log_z={self.log_z})"

@@ -405,5 +405,6 @@ def from_expression(dim: int, log_prob: str, constants: Mapping[str, Any] | None
         >>> t.log_prob(torch.tensor([[1.0, -1.0]]))
         tensor([-0.])
     """
-    return Target("expression", dim, compile_expression(log_prob, dim, constants),
-                  description=log_prob)
+    fn = compile_expression(log_prob, dim, constants)
+    return Target("expression", dim, fn, description=log_prob,
+                  spec={"dim": dim, "log_prob": log_prob, "constants": dict(constants or {})})

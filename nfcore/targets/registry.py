@@ -14,7 +14,7 @@ from ..errors import TargetError
 from .base import Target
 from .builtins import BUILTINS
 
-__all__ = ["get", "register", "unregister", "names"]
+__all__ = ["get", "register", "unregister", "names", "from_spec"]
 
 _PLUGINS: dict[str, Callable[..., Target]] = {}
 _LOCK = threading.Lock()
@@ -51,9 +51,39 @@ def get(name: str, **options: Any) -> Target:
     if factory is None:
         raise TargetError(f"Unknown target {name!r}; known targets: {', '.join(names())}")
     try:
-        return factory(**options)
+        target = factory(**options)
     except TypeError as e:
         raise TargetError(f"Bad options for target {name!r}: {e}") from None
+    if target.spec is None:
+        target.spec = {"builtin": target.name, **({"options": options} if options else {})}
+    return target
+
+
+def from_spec(spec: Any) -> Target:
+    """A target from its JSON form, as the HTTP API takes it: ``{"builtin": "U1"}`` (optionally
+    with ``"options": {"dim": 5}``) or ``{"dim": 10, "log_prob": "...", "constants": {...}}``.
+
+    Example:
+        >>> from_spec({"builtin": "funnel", "options": {"dim": 3}}).dim
+        3
+    """
+    from .expression import from_expression
+
+    if not isinstance(spec, dict):
+        raise TargetError(f"Expected a target object; got {type(spec).__name__}")
+    if "builtin" in spec:
+        extra = set(spec) - {"builtin", "options"}
+        if extra:
+            raise TargetError(f"target: unknown keys {sorted(extra)} next to 'builtin'")
+        options = spec.get("options") or {}
+        if not isinstance(options, dict):
+            raise TargetError(f"target.options: expected an object; got {options!r}")
+        return get(spec["builtin"], **options)
+    extra = set(spec) - {"dim", "log_prob", "constants"}
+    if extra or "dim" not in spec or "log_prob" not in spec:
+        raise TargetError("target: expected {'builtin': name} or {'dim', 'log_prob', "
+                          f"'constants'}}; got keys {sorted(spec)}")
+    return from_expression(spec["dim"], spec["log_prob"], spec.get("constants"))
 
 
 def register(

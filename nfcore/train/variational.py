@@ -45,12 +45,15 @@ def _resolve(target: Target | str | dict) -> Target:
         return target
     if isinstance(target, str):
         return _targets.get(target)
-    raise TargetError(f"Expected a Target or a target name; got {type(target).__name__}")
+    if isinstance(target, dict):
+        return _targets.from_spec(target)
+    raise TargetError(f"Expected a Target, a target name or a target object; got "
+                      f"{type(target).__name__}")
 
 
 def fit_target(
     flow: Flow,
-    target: Target | str,
+    target: Target | str | dict,
     *,
     steps: int = 5000,
     batch_size: int = 256,
@@ -79,7 +82,9 @@ def fit_target(
 
     Arguments:
         flow: an unconditional flow whose ``dim`` equals the target's.
-        target: a ``Target`` or a built-in/plugin name such as ``"U1"``.
+        target: a ``Target``, a built-in/plugin name such as ``"U1"``, or its JSON form
+            (``{"builtin": "U1"}`` or ``{"dim", "log_prob", "constants"}``, see
+            ``nfcore.targets.from_spec``).
         steps, batch_size, lr, weight_decay, schedule, clip_grad_norm, max_seconds, seed, callback,
         should_stop, checkpoint_path, checkpoint_every_s, resume: as for ``fit_density``.
         report_every: steps between history entries (default: about 200 entries in all).
@@ -117,7 +122,8 @@ def fit_target(
                 should_stop=should_stop, checkpoint_path=checkpoint_path,
                 checkpoint_every_s=checkpoint_every_s, resume=resume,
                 fingerprint={"objective": "variational", "spec": flow.spec, "target": target.name,
-                             "target_text": target.description, "dim": target.dim,
+                             "target_spec": target.spec, "target_text": target.description,
+                             "dim": target.dim,
                              "total": steps, "batch": batch_size, "lr": lr, "wd": weight_decay,
                              "schedule": schedule, "clip": clip_grad_norm, "anneal": anneal_steps,
                              "seed": seed, "max_seconds": max_seconds, "every": every})
@@ -169,6 +175,6 @@ def fit_target(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": round(time.time() - started, 3),
     }
-    if target.description and target.name == "expression":
-        summary["expression"] = target.description
+    if target.spec is not None:
+        summary["target_spec"] = target.spec
     return FitResult(flow=flow, history=loop.history, summary=summary)

@@ -170,3 +170,22 @@ def test_plugins_register_replace_and_cannot_shadow_builtins():
     finally:
         nfcore.targets.unregister("test_ring")
     assert "test_ring" not in nfcore.targets.names()
+
+
+def test_from_spec_builds_builtins_and_expressions_and_rejects_the_rest():
+    t = nfcore.targets.from_spec({"builtin": "funnel", "options": {"dim": 4}})
+    assert t.dim == 4 and t.spec == {"builtin": "funnel", "options": {"dim": 4}}
+    assert nfcore.targets.from_spec({"builtin": "u2"}).spec == {"builtin": "U2"}
+    e = nfcore.targets.from_spec({"dim": 2, "log_prob": "-sum(z**2)", "constants": {"a": 1}})
+    assert e.spec == {"dim": 2, "log_prob": "-sum(z**2)", "constants": {"a": 1}}
+    for bad, message in [
+        ({"builtin": "U1", "dim": 2}, "unknown keys"),
+        ({"builtin": "U1", "options": 3}, "options"),
+        ({"dim": 2}, "expected"),
+        ({"log_prob": "z[0]", "dim": 1, "extra": 1}, "expected"),
+        ([], "Expected a target object"),
+    ]:
+        with pytest.raises(TargetError, match=message):
+            nfcore.targets.from_spec(bad)
+    with pytest.raises(nfcore.ExpressionError):
+        nfcore.targets.from_spec({"dim": 2, "log_prob": "z.x"})

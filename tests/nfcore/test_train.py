@@ -163,6 +163,14 @@ def test_fit_target_with_expression_and_annealing():
     torch.testing.assert_close(mean, torch.tensor([1.0, -1.0]), atol=0.15, rtol=0)
 
 
+def test_fit_target_accepts_the_json_form_and_records_it():
+    spec = {"dim": 2, "log_prob": "-0.5*sum((z/s)**2)", "constants": {"s": [1.0, 2.0]}}
+    result = nfcore.fit_target(_flow(), spec, steps=3, ess_samples=100)
+    assert result.summary["target_spec"] == spec and result.summary["target"] == "expression"
+    result = nfcore.fit_target(_flow(), {"builtin": "U3"}, steps=3, ess_samples=100)
+    assert result.summary["target_spec"] == {"builtin": "U3"} and result.summary["kl"] is not None
+
+
 def test_fit_target_checks_target():
     with pytest.raises(TargetError, match="Unknown target"):
         nfcore.fit_target(_flow(), "nope", steps=2)
@@ -246,6 +254,8 @@ def test_checkpoint_from_a_different_run_is_refused_and_resume_false_ignores_it(
     nfcore.fit_target(_flow(), "U1", steps=5, ess_samples=100, checkpoint_path=str(ckpt))
     with pytest.raises(ValueError, match="different run"):
         nfcore.fit_target(_flow(), "U2", steps=5, ess_samples=100, checkpoint_path=str(ckpt))
+    with pytest.raises(ValueError, match="different run"):
+        nfcore.fit_target(_flow(), "U1", steps=5, lr=1e-2, checkpoint_path=str(ckpt))
     fresh = nfcore.fit_target(_flow(), "U2", steps=5, ess_samples=100, checkpoint_path=str(ckpt),
                               resume=False)
     assert fresh.summary["resumed_from_step"] is None

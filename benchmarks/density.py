@@ -1,0 +1,181 @@
+"""Density estimation on real data: held-out mean log-likelihood, nfcore next to zuko's NSF.
+
+For every ``shared/data/*.npy`` set: shuffle (seed 0), fit on 80 % and report the mean
+log-likelihood of the other 20 % in nats, in the data's own units. Both libraries get the same
+protocol and budget: 10 % of the training rows for validation (the same rows), early stopping with
+best-weight restore (patience 20 checks), batch 256, AdamW, linear warm-up then cosine decay,
+gradient clipping at 5, at most ``--steps`` steps and ``--max-seconds`` of wall clock. zuko's flow
+sees standardized data and its log-likelihood is corrected by the scale's log-determinant, as
+nfcore's ``standardize`` layer does internally.
+
+    python benchmarks/density.py [--data /work/shared/data] [--steps 4000] [--max-seconds 120]
+
+Writes ``benchmarks/results/density.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import nfcore  # noqa: E402
+from benchmarks._machine import markdown_table, write_result  # noqa: E402
+from nfcore.train.density import split  # noqa: E402
+from nfcore.train.loop import generator  # noqa: E402
+
+
+def lr_at(step: int, steps: int, elapsed: float, max_seconds: float, lr: float) -> float:
+    """The same schedule as ``nfcore.train``: warm-up, then cosine over steps or wall clock."""
+    warmup = min(100, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = min(max(step / steps, elapsed / max_seconds), 1.0)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def fit_nfcore(spec: dict, train: np.ndarray, args) -> tuple[nfcore.Flow, dict]:
+    torch.manual_seed(args.seed)
+    flow = nfcore.build(spec)
+    result = nfcore.fit_density(flow, train, steps=args.steps, batch_size=args.batch, lr=args.lr,
+                                max_seconds=args.max_seconds, seed=args.seed)
+    return flow, result.summary
+
+
+def fit_zuko(train: np.ndarray, args) -> tuple[object, torch.Tensor, torch.Tensor, dict]:
+    """zuko NSF with nfcore's protocol written out: same split, schedule, clipping, early stop."""
+    import zuko
+
+    x = torch.as_tensor(train, dtype=torch.float32)
+    tr_idx, val_idx = split(x.shape[0], 0.1, args.seed)
+    x_tr, x_val = x[tr_idx], x[val_idx]
+    loc, scale = x_tr.mean(0), x_tr.std(0).clamp(min=1e-6)
+    x_tr, x_val = (x_tr - loc) / scale, (x_val - loc) / scale
+    torch.manual_seed(args.seed)
+    flow = zuko.flows.NSF(x.shape[1], transforms=args.transforms, hidden_features=args.hidden,
+                          bins=args.bins)
+    params = list(flow.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    n = x_tr.shape[0]
+    batch = min(args.batch, n)
+    per_epoch = math.ceil(n / batch)
+    every = min(max(per_epoch, 20), 100)
+    best, best_state, bad, step = math.inf, None, 0, 0
+    start = time.monotonic()
+    perm = None
+    while step < args.steps and time.monotonic() - start < args.max_seconds and bad < 20:
+        epoch, i = divmod(step, per_epoch)
+        if i == 0 or perm is None:
+            perm = torch.randperm(n, generator=generator(args.seed, 1, epoch))
+        loss = -flow().log_prob(x_tr[perm[i * batch : (i + 1) * batch]]).mean()
+        lr = lr_at(step, args.steps, time.monotonic() - start, args.max_seconds, args.lr)
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 5.0)):
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.step()
+        step += 1
+        if step % every == 0 or step >= args.steps:
+            with torch.no_grad():
+                val = float(-flow().log_prob(x_val).mean())
+            if val < best:
+                best, bad = val, 0
+                best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+            else:
+                bad += 1
+    if best_state is not None:
+        flow.load_state_dict(best_state)
+    stats = {"steps": step, "duration_s": time.monotonic() - start,
+             "val_loss": best + float(torch.log(scale).sum())}
+    return flow, loc, scale, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    parser.add_argument("--datasets", nargs="*", default=None)
+    parser.add_argument("--preset", default="nsf_ar")
+    parser.add_argument("--transforms", type=int, default=5)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
+    parser.add_argument("--bins", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    started = time.time()
+
+    files = sorted(args.data.glob("*.npy"))
+    if args.datasets:
+        files = [f for f in files if f.stem in args.datasets]
+    rows, wins = [], []
+    for path in files:
+        data = np.load(path).astype(np.float32)
+        order = np.random.default_rng(args.seed).permutation(len(data))
+        cut = int(0.8 * len(data))
+        train, test = data[order[:cut]], data[order[cut:]]
+        spec = {"preset": args.preset, "dim": data.shape[1], "transforms": args.transforms,
+                "hidden": args.hidden, "bins": args.bins}
+        flow, s = fit_nfcore(spec, train, args)
+        with torch.no_grad():
+            ours = float(flow.log_prob(test).double().mean())
+        zflow, loc, scale, z = fit_zuko(train, args)
+        with torch.no_grad():
+            t = (torch.as_tensor(test) - loc) / scale
+            theirs = float((zflow().log_prob(t) - torch.log(scale).sum()).double().mean())
+        wins.append(ours >= theirs)
+        print(f"{path.stem:32s} {data.shape}  nfcore {ours:9.4f} ({s['steps']} steps, "
+              f"{s['duration_s']:.0f} s, {s['stopped_reason']})   zuko {theirs:9.4f} "
+              f"({z['steps']} steps, {z['duration_s']:.0f} s)", flush=True)
+        rows.append([path.stem, f"{data.shape[0]} × {data.shape[1]}", f"{ours:.4f}",
+                     f"{theirs:.4f}", f"{ours - theirs:+.4f}",
+                     f"{s['steps']} / {s['duration_s']:.0f} s ({s['stopped_reason']})",
+                     f"{z['steps']} / {z['duration_s']:.0f} s"])
+    verdict = ("nfcore's held-out log-likelihood is at least zuko's on every set"
+               if all(wins) else f"nfcore is at least zuko on {sum(wins)} of {len(wins)} sets")
+    print(verdict)
+    if args.no_write or args.datasets:
+        return
+    load_after = os.getloadavg()
+    body = f"""Held-out mean log-likelihood in nats (higher is better), data units, 20 % test split
+(seed {args.seed}). nfcore preset `{args.preset}` and zuko `NSF` with the same size: {args.transforms}
+transforms, hidden {args.hidden}, {args.bins} bins. Budget for each: at most {args.steps} steps and
+{args.max_seconds:.0f} s, batch {args.batch}, AdamW lr {args.lr:g}, warm-up then cosine decay, clipping 5,
+validation on 10 % of the training rows with early stopping (patience 20 checks) and best-weight
+restore, {args.threads} torch thread(s). zuko gets the same split, schedule and early stopping
+written out in plain torch, on standardized data (its log-likelihood corrected by the
+standardization's log-determinant).
+
+`uname -a`: `{' '.join(platform.uname())}`. Load average before / after:
+{load_before[0]:.2f} / {load_after[0]:.2f} on 2 cores (shared with other engineers' jobs, so wall
+times are inflated). Total run time {time.time() - started:.0f} s.
+
+**{verdict}.**
+
+{markdown_table(["data set", "rows × dim", "nfcore", "zuko NSF", "nfcore − zuko",
+                 "nfcore steps / time", "zuko steps / time"], rows)}
+"""
+    cmd = "python benchmarks/density.py " + " ".join(sys.argv[1:])
+    print(write_result("density", "Density estimation: held-out log-likelihood, nfcore vs zuko",
+                       body, cmd.strip()))
+
+
+if __name__ == "__main__":
+    main()
