@@ -42,6 +42,7 @@ class BatcherConfig:
     max_batch_rows: int = 65536
     max_queue_delay_s: float = 0.002
     max_queued_rows: int = 4_000_000
+    torch_threads: int = 0  # intra-op threads of the inference thread; 0: leave torch's default
 
 
 @dataclass(eq=False)
@@ -104,9 +105,13 @@ class Batcher:
                 raise Overloaded(
                     f"Model {self.label} is overloaded: {self._queued_rows} rows already queued "
                     f"(limit {self.config.max_queued_rows}); retry later")
+            was_empty = not self._queue
             self._queue.append(job)
             self._queued_rows += job.rows
-            self._cond.notify()
+            # Wake the thread only when it has something new to decide: the first request (it
+            # sleeps on an empty queue) or a full batch (it waits out the queue delay otherwise).
+            if was_empty or self._queued_rows >= self.config.max_batch_rows:
+                self._cond.notify()
             self._gauge()
 
     def close(self, timeout: float | None = None) -> None:
@@ -158,6 +163,10 @@ class Batcher:
             return batch
 
     def _run(self) -> None:
+        # Set here, in the thread that runs the passes: set from another thread, torch's OpenMP
+        # pool made each small op of this thread wait on a busy core (10-70x slower, measured).
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
         while True:
             batch = self._take()
             if batch is None:

@@ -1,5 +1,8 @@
 """Dependencies as ``Annotated`` aliases, so handlers read like plain functions.
 
+They are all ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop
+per dependency per request that cost more than the rest of a small /log_prob request.
+
 - ``SettingsDep``, ``StoreDep``, ``EngineDep``, ``MetricsDep``: what is on ``app.state``.
 - ``require_read`` / ``require_write``: API-key checks (``Authorization: Bearer <key>``), a no-op
   when no keys are configured. Use them as ``dependencies=[ReadAccess]`` on a router or route.
@@ -25,19 +28,19 @@ __all__ = ["SettingsDep", "StoreDep", "EngineDep", "MetricsDep", "ReadAccess", "
            "require_read", "require_write", "read_body", "get_app_settings"]
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> ModelStore:
+async def get_store(request: Request) -> ModelStore:
     return request.app.state.store
 
 
-def get_engine(request: Request) -> InferenceEngine:
+async def get_engine(request: Request) -> InferenceEngine:
     return request.app.state.engine
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -75,12 +78,12 @@ def _check(settings: Settings, credentials: HTTPAuthorizationCredentials | None,
     raise Unauthorized("Invalid API key")
 
 
-def require_read(settings: SettingsDep, credentials: CredentialsDep) -> None:
+async def require_read(settings: SettingsDep, credentials: CredentialsDep) -> None:
     """Scoring, sampling, listing and downloads: a read or write key."""
     _check(settings, credentials, write=False)
 
 
-def require_write(settings: SettingsDep, credentials: CredentialsDep) -> None:
+async def require_write(settings: SettingsDep, credentials: CredentialsDep) -> None:
     """Uploads and other changes: a write key."""
     _check(settings, credentials, write=True)
 

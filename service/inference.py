@@ -82,7 +82,7 @@ class InferenceEngine:
         self.config = BatcherConfig(
             batching=settings.batching, max_batch_rows=settings.max_batch_rows,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-            max_queued_rows=settings.max_queued_rows)
+            max_queued_rows=settings.max_queued_rows, torch_threads=settings.torch_threads)
         self._cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Future] = {}
         self._device_lock = threading.Lock()  # one forward pass at a time per device

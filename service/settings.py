@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     max_queued_rows: int = Field(4_000_000, ge=1, description="Rows waiting per model before 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of an inference request.")
     model_cache_size: int = Field(16, ge=1, description="Loaded models held in the LRU cache.")
+    torch_threads: int = Field(
+        0, ge=0, description="Intra-op threads of the inference pass; 0: torch's default.")
 
     # Limits on requests
     max_rows: int = Field(1_000_000, ge=1, description="Most rows in one /log_prob request.")

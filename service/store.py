@@ -61,6 +61,7 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self._meta_cache: dict[tuple[str, int, int], dict[str, str]] = {}
+        self._versions_cache: dict[str, tuple[int, list[int]]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ names and versions
@@ -90,16 +91,33 @@ class ModelStore:
         return sorted(out)
 
     def versions(self, name: str) -> list[int]:
-        """Complete versions of ``name`` (those holding a model file), ascending; [] if none."""
+        """Complete versions of ``name`` (those holding a model file), ascending; [] if none.
+
+        Listed afresh whenever the model's directory changed (one ``stat`` per call otherwise):
+        a new version directory changes its parent's mtime, and a listing that saw a version
+        directory without its file yet (a publish in progress) is never reused.
+        """
         if not _NAME.match(name):
             return []
-        folder = self.root / name
+        folder = os.path.join(self.root, name)
         try:
-            entries = list(os.scandir(folder))
+            stamp = os.stat(folder).st_mtime_ns
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(int(e.name) for e in entries
-                      if _VERSION.match(e.name) and os.path.isfile(os.path.join(e.path, ARTIFACT)))
+        cached = self._versions_cache.get(name)
+        if cached is not None and cached[0] == stamp:
+            return list(cached[1])
+        try:
+            entries = [e for e in os.scandir(folder) if _VERSION.match(e.name)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        complete = sorted(int(e.name) for e in entries
+                          if os.path.isfile(os.path.join(e.path, ARTIFACT)))
+        if len(complete) == len(entries):
+            self._versions_cache[name] = (stamp, complete)
+        else:
+            self._versions_cache.pop(name, None)
+        return list(complete)
 
     def latest(self, name: str) -> int:
         versions = self.versions(name)

@@ -1,0 +1,276 @@
+"""Serving benchmark: the HTTP service next to the in-process engine, in the same run.
+
+(a) ``/log_prob`` over 1M rows of a dim-2 and a dim-10 model, sent as JSON and as binary
+    (safetensors), next to ``flow.log_prob`` in this process. Target: binary >= 70 % of in-process.
+(b) 64 concurrent clients sending 100-row ``/log_prob`` requests for a fixed time, with dynamic
+    batching on and off: throughput and p50/p99 latency. Target: batching >= 5x the throughput of
+    no batching, with a lower p99.
+
+Each server is a real ``uvicorn`` process (``service.app:create_app``) on 127.0.0.1; the clients
+are ``service.client`` (httpx) in this process. Writes ``benchmarks/results/serving.md``.
+
+    python benchmarks/serving.py [--rows 1000000] [--repeats 2] [--clients 64] [--duration 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import nfcore  # noqa: E402
+from service.client import Client  # noqa: E402
+
+STEP = 65536  # the server's max_batch_rows: in-process runs the same chunks as the batcher
+RESULT = ROOT / "benchmarks" / "results" / "serving.md"
+
+# (a) the same architecture at both dimensions; (b) the demo models' architecture (NSF coupling).
+SCORE_SPEC = {"preset": "maf", "transforms": 5, "hidden": [64, 64]}
+LOAD_SPECS = {"load_nsf": {"preset": "nsf", "dim": 2, "transforms": 4, "hidden": [32, 32]},
+              "load_planar": {"preset": "planar", "dim": 2, "transforms": 16}}
+
+
+# ---------------------------------------------------------------------------------- helpers
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    u = platform.uname()
+    return (f"{cpu}, {os.cpu_count()} cores; {u.system} {u.release} {u.machine}; Python "
+            f"{platform.python_version()}; torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A uvicorn process serving ``models`` with the given settings (environment variables)."""
+
+    def __init__(self, models: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full = {**os.environ, "NFSERVE_MODELS_DIR": str(models), "PYTHONPATH": str(ROOT),
+                "NFSERVE_DATA_DIR": str(models.parent / "data"),
+                "NFSERVE_EMBEDDED_WORKER": "false",
+                **{f"NFSERVE_{k.upper()}": v for k, v in env.items()}}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host",
+             "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
+            env=full, cwd=models.parent)
+
+    def __enter__(self) -> Server:
+        for _ in range(1200):
+            if self.process.poll() is not None:
+                raise RuntimeError("server exited during start-up")
+            try:
+                if httpx.get(self.url + "/health/live", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+# ---------------------------------------------------------------------------------- (a)
+def bench_scoring(models: Path, rows: int, repeats: int, json_repeats: int, threads: int
+                  ) -> list[list]:
+    table = []
+    with Server(models, max_rows=str(rows), max_body_bytes=str(2**31),
+                torch_threads=str(threads)) as server, \
+            Client(server.url, timeout=3600) as client:
+        for dim in (2, 10):
+            name = f"score{dim}"
+            flow = nfcore.load(models / name / "1" / "model.safetensors")
+            x = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float32)
+
+            def in_process(flow=flow, x=x):
+                xt = torch.from_numpy(x)
+                with torch.inference_mode():
+                    return torch.cat([flow.log_prob(xt[i:i + STEP])
+                                      for i in range(0, len(xt), STEP)]).numpy()
+
+            want = in_process()
+            client.log_prob(name, x[:1000], binary=True)  # load the model (warm cache)
+            got = client.log_prob(name, x, binary=True)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            t_engine = best_time(in_process, repeats)
+            t_binary = best_time(lambda n=name, x=x: client.log_prob(n, x, binary=True), repeats)
+            t_json = best_time(lambda n=name, x=x: client.log_prob(n, x, binary=False),
+                               json_repeats)
+            for label, t in (("in-process engine", t_engine), ("HTTP binary (safetensors)",
+                                                               t_binary), ("HTTP JSON", t_json)):
+                table.append([f"dim {dim}", label, f"{t:.2f}", f"{rows / t:,.0f}",
+                              f"{100 * t_engine / t:.0f} %"])
+                print(" | ".join(table[-1]), flush=True)
+    return table
+
+
+# ---------------------------------------------------------------------------------- (b)
+async def _http_client(port: int, request: bytes, stop: float, latencies: list[float]) -> None:
+    """One keep-alive HTTP/1.1 connection sending ``request`` until ``stop`` (a wrk-like load
+    generator: httpx's pool costs more CPU per request than the server at 64 connections)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            status = int(lines[0].split()[1])
+            length = next(int(line.split(b":")[1]) for line in lines
+                          if line.lower().startswith(b"content-length"))
+            body = await reader.readexactly(length)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
+            latencies.append(time.perf_counter() - t)
+    finally:
+        writer.close()
+
+
+async def load_test(port: int, model: str, clients: int, rows: int, duration: float
+                    ) -> tuple[float, list[float]]:
+    x = np.random.default_rng(1).normal(size=(rows, 2)).astype(np.float32)
+    body = orjson.dumps({"model": model, "x": x}, option=orjson.OPT_SERIALIZE_NUMPY)
+    request = (f"POST /log_prob HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+               f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    warm: list[float] = []
+    await asyncio.gather(*(_http_client(port, request, time.perf_counter() + 1.0, warm)
+                           for _ in range(clients)))
+    latencies: list[float] = []
+    start = time.perf_counter()
+    await asyncio.gather(*(_http_client(port, request, start + duration, latencies)
+                           for _ in range(clients)))
+    return time.perf_counter() - start, latencies
+
+
+def bench_batching(models: Path, clients: int, rows: int, duration: float, threads: int
+                   ) -> list[list]:
+    table = []
+    for label, model in (("nsf (demo architecture)", "load_nsf"),
+                         ("planar (iterative inverse)", "load_planar")):
+        rps = {}
+        for batching in (False, True):
+            with Server(models, batching=str(batching).lower(), max_queue_delay_ms="2",
+                        torch_threads=str(threads)) as server:
+                wall, lat = asyncio.run(load_test(server.port, model, clients, rows, duration))
+            lat_ms = np.array(lat) * 1000
+            rps[batching] = len(lat) / wall
+            table.append([label, "on" if batching else "off", f"{len(lat)}",
+                          f"{rps[batching]:,.0f}", f"{rps[batching] * rows:,.0f}",
+                          f"{np.percentile(lat_ms, 50):.1f}", f"{np.percentile(lat_ms, 99):.1f}",
+                          f"{rps[batching] / rps[False]:.1f}x"])
+            print(" | ".join(table[-1]), flush=True)
+    return table
+
+
+# ---------------------------------------------------------------------------------- main
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows scored in (a)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats in (a) (best kept)")
+    p.add_argument("--json-repeats", type=int, default=1)
+    p.add_argument("--clients", type=int, default=64, help="concurrent clients in (b)")
+    p.add_argument("--request-rows", type=int, default=100, help="rows per request in (b)")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per mode in (b)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads, the same for the server and in-process")
+    p.add_argument("--skip-a", action="store_true")
+    p.add_argument("--skip-b", action="store_true")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp) / "models"
+        torch.manual_seed(0)
+        for dim in (2, 10):
+            nfcore.save(nfcore.build({**SCORE_SPEC, "dim": dim}),
+                        models / f"score{dim}" / "1" / "model.safetensors")
+        for name, spec in LOAD_SPECS.items():
+            nfcore.save(nfcore.build(spec), models / name / "1" / "model.safetensors")
+        load = os.getloadavg()
+        print(f"machine: {machine()}\nload average at start: {load[0]:.1f}", flush=True)
+        a = [] if args.skip_a else bench_scoring(models, args.rows, args.repeats,
+                                                 args.json_repeats, args.threads)
+        b = [] if args.skip_b else bench_batching(models, args.clients, args.request_rows,
+                                                  args.duration, args.threads)
+        load_end = os.getloadavg()
+
+    command = "python benchmarks/serving.py " + " ".join(sys.argv[1:])
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = [f"# Serving benchmark\n\n- Date: {now}\n- Machine: {machine()}\n"
+            f"- Command: `{command.strip()}`\n"
+            f"- Load average (1 min) at start / end: {load[0]:.1f} / {load_end[0]:.1f}. The "
+            f"machine is shared; server, clients and other users' jobs compete for its cores, "
+            f"so absolute numbers are pessimistic. Each comparison is within one run.\n"]
+    if a:
+        body.append(f"## (a) /log_prob over {args.rows:,} rows in one request\n\n"
+                    f"Model: `{ {**SCORE_SPEC, 'dim': 'D'} }`, float32. In-process: "
+                    f"`flow.log_prob` under `torch.inference_mode` in 65536-row chunks (what the "
+                    f"batcher runs). HTTP: `service.client.Client.log_prob` against uvicorn, "
+                    f"end to end (encode, send, parse, check, score, answer, decode). Best of "
+                    f"{args.repeats} (JSON: {args.json_repeats}). Target: binary >= 70 % of "
+                    f"in-process.\n\n"
+                    + md_table(["model", "path", "seconds", "rows/s", "% of in-process"], a))
+    if b:
+        body.append(f"## (b) {args.clients} concurrent clients, {args.request_rows}-row JSON "
+                    f"/log_prob requests, {args.duration:g} s per mode\n\nModels: "
+                    f"`{LOAD_SPECS['load_nsf']}` (the demo models' architecture) and "
+                    f"`{LOAD_SPECS['load_planar']}` (scoring needs a root solve per layer, so a "
+                    f"small batch is dominated by per-operation overhead). Batching: "
+                    f"max_batch_rows 65536, max_queue_delay 2 ms; off: one request per forward "
+                    f"pass. The clients are {args.clients} keep-alive HTTP/1.1 connections of a "
+                    f"minimal asyncio load generator in this process (httpx's connection pool "
+                    f"would be the bottleneck at this concurrency). Target: >= 5x throughput "
+                    f"with a lower p99.\n\n"
+                    + md_table(["model", "batching", "requests", "requests/s", "rows/s",
+                                "p50 ms", "p99 ms", "vs off"], b))
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text("\n\n".join(body) + "\n")
+    print(f"wrote {RESULT}")
+
+
+if __name__ == "__main__":
+    main()
