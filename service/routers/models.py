@@ -37,6 +37,10 @@ _ERR = {code: {"model": ErrorPublic, "description": text} for code, text in [
 NamePath = Annotated[str, Path(description="Model name.", examples=["two_moons"])]
 
 
+# A version whose header cannot be read (half-copied, corrupted) is left out, never a 500.
+_UNREADABLE = (ModelNotFound, nfcore.ArtifactError, ValueError, KeyError, TypeError, OSError)
+
+
 def _decode(value: str) -> Any:
     try:
         return json.loads(value)
@@ -71,7 +75,7 @@ def read_models(store: StoreDep) -> ModelsPublic:
             continue
         try:
             latest = _version_public(store, name, versions[-1])
-        except (ModelNotFound, nfcore.ArtifactError):
+        except _UNREADABLE:
             continue  # half-copied or corrupted file: not listed, not fatal
         data.append(ModelSummary(name=name, versions=versions, latest=versions[-1],
                                  dim=latest.dim, context_dim=latest.context_dim))
@@ -86,7 +90,7 @@ def read_model(name: NamePath, store: StoreDep) -> ModelPublic:
     for v in store.versions(name):
         try:
             versions.append(_version_public(store, name, v))
-        except (ModelNotFound, nfcore.ArtifactError):
+        except _UNREADABLE:
             continue
     if not versions:
         raise NotFound(f"Model {name!r} has no readable version")

@@ -220,3 +220,29 @@ def test_no_input_produces_a_500(app_client, path: str, body: dict, raw: bytes |
                                                                   "application/json"})
     assert r.status_code < 500, r.text
     assert r.status_code == 200 or "detail" in r.json()
+
+
+def test_request_past_its_deadline_is_a_fast_503(settings, make_model) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    make_model("tiny")
+    app = create_app(settings.model_copy(update={"request_timeout_s": 1e-9}))
+    with TestClient(app) as c:
+        r = c.post("/sample", json={"model": "tiny", "n": 5})
+    assert r.status_code == 503
+    assert "overloaded" in r.json()["detail"] and "deadline" in r.json()["detail"]
+    assert r.headers["retry-after"] == "1"
+
+
+def test_corrupted_stored_model_is_left_out_of_the_list(app_client, settings) -> None:
+    bad = settings.models_dir / "broken" / "1"
+    bad.mkdir(parents=True)
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    r = app_client.get("/models")
+    assert r.status_code == 200
+    assert "broken" not in {m["name"] for m in r.json()["data"]}
+    r = app_client.get("/models/broken")
+    assert r.status_code == 404
+    assert r.json()["detail"] == "Model 'broken' has no readable version"

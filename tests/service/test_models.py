@@ -160,3 +160,40 @@ def test_plot_of_a_2d_model_is_a_png(client: Client) -> None:
 def test_plot_of_a_3d_model_is_refused(client: Client) -> None:
     with pytest.raises(InvalidInput, match="model tiny3:1 has dim 3"):
         client.plot("tiny3")
+
+
+def test_serve_command_serves_the_repository_models(tmp_path: Path) -> None:
+    """``nfserve serve`` from the repository root serves ``models/`` (the demo models) at once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT, free_port
+
+    demo = sorted(p.parent.parent.name for p in (ROOT / "models").glob("*/*/model.safetensors"))
+    if not demo:
+        pytest.skip("no models in the repository's models/ yet")
+    port = free_port()
+    env = {**os.environ, "NFSERVE_EMBEDDED_WORKER": "false", "NFSERVE_DATA_DIR": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}
+    env.pop("NFSERVE_MODELS_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+                             "--log-level", "warning"], cwd=ROOT, env=env)
+    try:
+        with Client(f"http://127.0.0.1:{port}") as c:
+            for _ in range(600):
+                try:
+                    c.live()
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None, "serve exited"
+                    time.sleep(0.1)
+            served = {m["name"]: m for m in c.models()}
+            assert set(demo) <= set(served)
+            name = demo[0]
+            x = np.zeros((3, served[name]["dim"]))
+            assert np.isfinite(c.log_prob(name, x)).all()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
