@@ -185,15 +185,15 @@ def _record_model(settings: Any, store: Any, name: str, version: int, summary: d
     """Add the version to the job store's models table, when that database is reachable."""
     import nfcore
 
-    from .db import Database, ModelRecord
+    from .db import Database
+    from .tasks import record_model
 
     try:
         db = Database.from_settings(settings)
         db.create_all()
         path = store.path(name, version)
-        with db.session() as s:
-            s.add(ModelRecord(name=name, version=version, path=str(path), summary=summary,
-                              content_hash=nfcore.read_metadata(path).get("nfcore.content_hash")))
+        record_model(db, name=name, version=version, path=path, summary=summary,
+                     content_hash=nfcore.read_metadata(path).get("nfcore.content_hash"))
         db.dispose()
     except Exception as e:
         print(f"nfserve: warning: model saved, but not recorded in the job store ({e})",

@@ -38,7 +38,7 @@ from .jobs import build_target
 from .queue import JobQueue
 from .store import ModelStore
 
-__all__ = ["JobRunner", "checkpoint_path", "worker_name"]
+__all__ = ["JobRunner", "checkpoint_path", "record_model", "worker_name"]
 
 log = logging.getLogger("nfserve.worker")
 
@@ -64,6 +64,22 @@ def _checkpoint_step(path: Path) -> int | None:
 
 def _finite(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
+
+
+def record_model(db: Database, *, name: str, version: int, path: Path | str,
+                 content_hash: str | None, summary: dict | None, job_id: str | None = None
+                 ) -> None:
+    """Record a published version in the ``models`` table. The store's files are the truth: a
+    row left over for the same name and version (the directory was removed and the number
+    reused) is replaced."""
+    with db.session() as s:
+        row = s.scalar(select(ModelRecord).where(ModelRecord.name == name,
+                                                 ModelRecord.version == version))
+        if row is None:
+            row = ModelRecord(name=name, version=version)
+            s.add(row)
+        row.job_id, row.path, row.content_hash = job_id, str(path), content_hash
+        row.summary, row.created_at = summary, now()
 
 
 class _Monitor(threading.Thread):
@@ -164,11 +180,18 @@ class JobRunner:
             if self._finish(job_id, attempt, status="failed", error=f"{type(e).__name__}: {e}"):
                 ckpt.unlink(missing_ok=True)
             return
-        monitor.finish()
-        if monitor.lost or not self.db.fenced_update(job_id, attempt, heartbeat_at=now()):
-            log.warning("Job %s was taken from this worker; not publishing", job_id)
-            return
-        self._publish(job, attempt, result, monitor)
+        # The monitor keeps beating while the model is written (slow shared storage).
+        try:
+            if monitor.lost or not self.db.fenced_update(job_id, attempt, heartbeat_at=now()):
+                log.warning("Job %s was taken from this worker; not publishing", job_id)
+                return
+            self._publish(job, attempt, result, monitor)
+        except Exception as e:  # e.g. the model store is full or read-only
+            log.exception("Job %s: publishing failed", job_id)
+            self._finish(job_id, attempt, status="failed",
+                         error=f"Publishing the model failed: {type(e).__name__}: {e}")
+        finally:
+            monitor.finish()
         ckpt.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ training
@@ -229,9 +252,12 @@ class JobRunner:
         content_hash = nfcore.read_metadata(path).get("nfcore.content_hash")
         history = result.history[-1] if result.history else {}
         t = now()
+        try:
+            record_model(self.db, name=job.name, version=version, job_id=job.id, path=path,
+                         content_hash=content_hash, summary=summary)
+        except Exception:  # the file is published and servable; the catalogue row is a copy
+            log.exception("Job %s: could not record %s version %d", job.id, job.name, version)
         with self.db.session() as s:
-            s.add(ModelRecord(name=job.name, version=version, job_id=job.id, path=str(path),
-                              content_hash=content_hash, summary=summary, created_at=t))
             s.execute(
                 update(Job)
                 .where(Job.id == job.id, Job.attempts == attempt, Job.status == "running")

@@ -304,3 +304,30 @@ def test_end_to_end_over_http_embedded_mode(deployment: Deployment) -> None:
         np.testing.assert_allclose(client.log_prob("moons", x, version=1), lp1, rtol=1e-5)
         assert [j["id"] for j in client.jobs(name="moons")] == [second["job_id"],
                                                                 first["job_id"]]
+
+
+def test_publish_failure_fails_the_job_with_the_reason(api: TestClient,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    r = api.post("/train", json=density_job(upload(api, two_moons(100)), steps=10))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(api.app.state.store, "publish", full)
+    runner_for(api)(r.json()["job_id"])
+    job = api.get(r.json()["status_url"]).json()
+    assert job["status"] == "failed"
+    assert "Publishing the model failed" in job["error"] and "No space left" in job["error"]
+
+
+def test_stale_catalogue_row_for_a_reused_version_is_replaced(api: TestClient) -> None:
+    """The store's files are the truth: if version 1's directory was removed by hand and the
+    number is reused, the old row of the models table must not block the new model."""
+    with api.app.state.db.session() as s:
+        s.add(ModelRecord(name="moons", version=1, path="/gone", job_id="job_old"))
+    r = api.post("/train", json=density_job(upload(api, two_moons(100)), steps=10))
+    runner_for(api)(r.json()["job_id"])
+    assert api.get(r.json()["status_url"]).json()["result"] == {"model": "moons", "version": 1}
+    with api.app.state.db.session() as s:
+        rows = list(s.scalars(select(ModelRecord).where(ModelRecord.name == "moons")))
+    assert [(m.version, m.job_id) for m in rows] == [(1, r.json()["job_id"])]
