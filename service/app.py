@@ -70,7 +70,7 @@ def check_engine(app: FastAPI) -> tuple[str, bool, str]:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the model store and the inference engine; close them on shutdown."""
     settings: Settings = app.state.settings
-    app.state.store = ModelStore(settings.models_dir)
+    app.state.store = ModelStore(settings.models_dir, refresh_s=settings.store_refresh_s)
     app.state.store.open()
     app.state.engine = InferenceEngine(settings, app.state.store, app.state.metrics)
     await asyncio.to_thread(open_jobs, app)  # job store (db) and queue, with their checks

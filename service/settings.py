@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(16, ge=1, description="Loaded models held in the LRU cache.")
     torch_threads: int = Field(
         0, ge=0, description="Intra-op threads of the inference pass; 0: torch's default.")
+    store_refresh_s: float = Field(
+        0.0, ge=0, description="Seconds a model's version listing is reused without a stat: a "
+                               "new version becomes the latest within this time (explicit "
+                               "versions at once); 0: checked on every request.")
 
     # Limits on requests
     max_rows: int = Field(1_000_000, ge=1, description="Most rows in one /log_prob request.")

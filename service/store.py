@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,10 +59,12 @@ class ModelVersionInfo:
 class ModelStore:
     """File-system model store rooted at ``root`` (created if missing)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, refresh_s: float = 0.0):
         self.root = Path(root)
+        self.refresh_s = refresh_s
         self._meta_cache: dict[tuple[str, int, int], dict[str, str]] = {}
-        self._versions_cache: dict[str, tuple[int, list[int]]] = {}
+        # name -> (directory mtime, when checked, complete versions)
+        self._versions_cache: dict[str, tuple[int, float, list[int]]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ names and versions
@@ -86,56 +89,67 @@ class ModelStore:
             return []
         out = []
         for entry in os.scandir(self.root):
-            if entry.is_dir() and _NAME.match(entry.name) and self.versions(entry.name):
+            if entry.is_dir() and _NAME.match(entry.name) and self.versions(entry.name,
+                                                                             fresh=True):
                 out.append(entry.name)
         return sorted(out)
 
-    def versions(self, name: str) -> list[int]:
+    def versions(self, name: str, *, fresh: bool = False) -> list[int]:
         """Complete versions of ``name`` (those holding a model file), ascending; [] if none.
 
-        Listed afresh whenever the model's directory changed (one ``stat`` per call otherwise):
-        a new version directory changes its parent's mtime, and a listing that saw a version
-        directory without its file yet (a publish in progress) is never reused.
+        A listing is reused for ``refresh_s`` seconds (no system call at all: on a busy server
+        even a ``stat`` waits for the GIL behind the inference thread), then reused further only
+        while the model's directory mtime is unchanged: a new version directory changes it. A
+        listing that saw a version directory without its file yet (a publish in progress) is
+        never reused. ``fresh=True`` skips the time window.
         """
         if not _NAME.match(name):
             return []
+        now = time.monotonic()
+        cached = self._versions_cache.get(name)
+        if cached is not None and not fresh and now - cached[1] < self.refresh_s:
+            return list(cached[2])
         folder = os.path.join(self.root, name)
         try:
             stamp = os.stat(folder).st_mtime_ns
         except (FileNotFoundError, NotADirectoryError):
+            self._versions_cache.pop(name, None)
             return []
-        cached = self._versions_cache.get(name)
         if cached is not None and cached[0] == stamp:
-            return list(cached[1])
+            self._versions_cache[name] = (stamp, now, cached[2])
+            return list(cached[2])
         try:
             entries = [e for e in os.scandir(folder) if _VERSION.match(e.name)]
         except (FileNotFoundError, NotADirectoryError):
             return []
         complete = sorted(int(e.name) for e in entries
                           if os.path.isfile(os.path.join(e.path, ARTIFACT)))
-        if len(complete) == len(entries):
-            self._versions_cache[name] = (stamp, complete)
+        if complete and len(complete) == len(entries):
+            self._versions_cache[name] = (stamp, now, complete)
         else:
             self._versions_cache.pop(name, None)
         return list(complete)
 
     def latest(self, name: str) -> int:
+        """The highest version (seen within the last ``refresh_s`` seconds)."""
         versions = self.versions(name)
         if not versions:
             raise ModelNotFound(f"Unknown model {name!r}; GET /models lists the models")
         return versions[-1]
 
     def resolve(self, name: str, version: int | None = None) -> int:
-        """The version a request means: ``version`` if it exists, else the latest."""
+        """The version a request means: ``version`` if it exists, else the latest. An explicit
+        version missing from a reused listing is looked up afresh before a 404."""
         if version is None:
             return self.latest(name)
-        if version not in self.versions(name):
-            known = self.versions(name)
-            if not known:
-                raise ModelNotFound(f"Unknown model {name!r}; GET /models lists the models")
-            raise ModelNotFound(f"Model {name!r} has no version {version}; "
-                                f"its versions are {known}")
-        return version
+        if version in self.versions(name):
+            return version
+        known = self.versions(name, fresh=True)
+        if version in known:
+            return version
+        if not known:
+            raise ModelNotFound(f"Unknown model {name!r}; GET /models lists the models")
+        raise ModelNotFound(f"Model {name!r} has no version {version}; its versions are {known}")
 
     def path(self, name: str, version: int) -> Path:
         return self.root / name / str(version) / ARTIFACT
@@ -195,6 +209,7 @@ class ModelStore:
         except BaseException:
             _remove_empty(folder)
             raise
+        self._versions_cache.pop(name, None)
         return version
 
     def publish_bytes(self, name: str, data: bytes, *, version: int | None = None) -> int:
@@ -205,6 +220,7 @@ class ModelStore:
         except BaseException:
             _remove_empty(folder)
             raise
+        self._versions_cache.pop(name, None)
         return version
 
 

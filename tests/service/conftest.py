@@ -143,7 +143,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("server"), {
         "NFSERVE_MAX_ROWS": "5000", "NFSERVE_MAX_SAMPLE_N": "5000",
         "NFSERVE_MAX_BODY_BYTES": "400000", "NFSERVE_MAX_UPLOAD_BYTES": "200000",
-        "NFSERVE_MAX_QUEUE_DELAY_MS": "20", "NFSERVE_MAX_BATCH_ROWS": "4096"})
+        "NFSERVE_MAX_QUEUE_DELAY_MS": "20", "NFSERVE_MAX_BATCH_ROWS": "4096",
+        "NFSERVE_STORE_REFRESH_S": "0"})  # tests write versions to disk and expect them at once
     yield srv
     stop_server(srv)
 

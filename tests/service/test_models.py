@@ -68,6 +68,37 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path: Path) -> None:
     assert store.versions("race") == list(range(1, 9))
 
 
+def test_store_reuses_a_listing_within_refresh_s_but_finds_explicit_versions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import store as store_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock[0])
+    store = ModelStore(tmp_path, refresh_s=1.0)
+    write_model(tmp_path, "m", version=1)
+    assert store.latest("m") == 1
+    write_model(tmp_path, "m", version=2)  # written by another process
+    assert store.latest("m") == 1  # the listing is reused within refresh_s
+    assert store.resolve("m", 2) == 2  # an explicit version is looked up afresh
+    clock[0] += 1.5
+    assert store.latest("m") == 2
+    write_model(tmp_path, "m", version=3)
+    clock[0] += 0.1
+    assert store.latest("m") == 2
+    assert store.publish("m", nfcore.build(TINY)) == 4  # a publish through the store is seen
+    assert store.latest("m") == 4
+    with pytest.raises(ModelNotFound, match=r"no version 7; its versions are \[1, 2, 3, 4\]"):
+        store.resolve("m", 7)
+
+
+def test_store_does_not_reuse_an_empty_listing(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, refresh_s=100.0)
+    (tmp_path / "m").mkdir()
+    assert store.versions("m") == []
+    write_model(tmp_path, "m", version=1)
+    assert store.latest("m") == 1
+
+
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 65])
 def test_store_rejects_unsafe_names(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="Expected a model name"):
