@@ -46,8 +46,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "Overloaded: queue full or deadline passed; retry later")]}
 
 
-def _binary_doc(schema: type[BaseModel], tensors: str) -> dict[str, Any]:
-    return {"requestBody": {"required": False, "content": {
+def _binary_doc(schema: type[BaseModel], tensors: str, *, required: bool) -> dict[str, Any]:
+    return {"requestBody": {"required": required, "content": {
         "application/json": {"schema": schema.model_json_schema()},
         OCTET_STREAM: {"schema": {"type": "string", "format": "binary",
                                   "description": f"safetensors file with tensors {tensors}; "
@@ -119,7 +119,8 @@ VersionQuery = Annotated[int | None, Query(ge=1, description="Model version (bin
 @router.post(
     "/log_prob", response_model=LogProbResponse,
     responses={200: _binary_answer("log_prob"), **_ERRORS},
-    openapi_extra=_binary_doc(LogProbRequest, "x (rows, dim) and optionally context"))
+    openapi_extra=_binary_doc(LogProbRequest, "x (rows, dim) and optionally context",
+                             required=True))
 async def score_points(request: Request, engine: EngineDep, settings: SettingsDep,
                        model: ModelQuery = None, version: VersionQuery = None) -> Response:
     """Log density of each row of x under a model (latest version unless version is given)."""
@@ -151,7 +152,8 @@ async def score_points(request: Request, engine: EngineDep, settings: SettingsDe
 @router.post(
     "/sample", response_model=SampleResponse,
     responses={200: _binary_answer("samples (n, dim) and log_prob (n,)"), **_ERRORS},
-    openapi_extra=_binary_doc(SampleRequest, "context (optional, conditional models)"))
+    openapi_extra=_binary_doc(SampleRequest, "context (optional, conditional models)",
+                             required=False))
 async def draw_samples(
     request: Request, engine: EngineDep, settings: SettingsDep,
     model: ModelQuery = None, version: VersionQuery = None,
