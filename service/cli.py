@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 
 from .cli_jobs import COMMANDS as JOB_COMMANDS
@@ -30,6 +32,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from .worker import start_embedded_worker, stop_embedded_worker
 
     worker = start_embedded_worker(settings) if settings.embedded_worker else None
+    if worker is not None:
+        # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception, so the
+        # finally below waits for the worker to hand its running job back before we exit.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level=args.log_level, access_log=args.access_log)

@@ -402,6 +402,29 @@ class AsyncClient(_Base):
                            version: int | None = None) -> dict[str, Any]:
         return await self._do(_upload_call(name, data, version))
 
+    async def upload_dataset(self, data: Any, *, filename: str | None = None,
+                             format: str | None = None) -> dict[str, Any]:
+        return await self._do(_dataset_call(data, filename, format))
+
+    async def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return await self._get(f"/datasets/{dataset_id}")
+
+    async def train(self, name: str, flow: dict[str, Any], objective: dict[str, Any],
+                    training: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await self._do(_train_call(name, flow, objective, training))
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await self._get(f"/jobs/{job_id}")
+
+    async def jobs(self, *, status: str | None = None, name: str | None = None,
+                   limit: int = 100) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"status": status, "name": name, "limit": limit}.items()
+                  if v is not None}
+        return (await self._get("/jobs", params=params))["data"]
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return await self._do(_Call("DELETE", f"/jobs/{job_id}", _json))
+
     async def live(self) -> dict[str, Any]:
         return await self._get("/health/live")
 

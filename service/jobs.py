@@ -207,15 +207,25 @@ def dataset_or_404(db: Database, dataset_id: str) -> Dataset:
 def open_jobs(app: Any) -> None:
     """Lifespan start: the job store (tables created if missing) and the queue on ``app.state``,
     and their readiness checks."""
+    import threading
+
+    from .worker import Reaper
+
     settings = app.state.settings
     app.state.db = Database.from_settings(settings)
     app.state.db.create_all()
     app.state.queue = JobQueue(settings)
     app.state.readiness_checks.extend([check_job_store, check_queue])
+    # The API reaps too: with every worker gone, a running job is still re-queued or failed.
+    app.state.reaper_stop = threading.Event()
+    Reaper(app.state.db, app.state.queue, settings, app.state.reaper_stop).start()
 
 
 def close_jobs(app: Any) -> None:
     """Lifespan end. Queued and running jobs are untouched: they belong to the workers."""
+    stop = getattr(app.state, "reaper_stop", None)
+    if stop is not None:
+        stop.set()
     queue = getattr(app.state, "queue", None)
     if queue is not None:
         queue.close()

@@ -35,7 +35,7 @@ from .queue import JobQueue
 from .store import ModelStore
 from .tasks import JobRunner, checkpoint_path, worker_name
 
-__all__ = ["reap", "resend_orphans", "run_worker", "check_worker", "start_embedded_worker",
+__all__ = ["reap", "resend_orphans", "Reaper", "run_worker", "check_worker", "start_embedded_worker",
            "stop_embedded_worker", "settings_env", "main"]
 
 log = logging.getLogger("nfserve.worker")
@@ -111,7 +111,10 @@ def resend_orphans(db: Database, queue: JobQueue, settings: Any, *,
     return len(ids)
 
 
-class _Reaper(threading.Thread):
+class Reaper(threading.Thread):
+    """Runs ``reap`` every few seconds until ``stop`` is set (in every worker, and in the API so
+    that jobs are not left running when every worker is gone)."""
+
     def __init__(self, db: Database, queue: JobQueue, settings: Any, stop: threading.Event):
         super().__init__(name="reaper", daemon=True)
         self.db, self.queue, self.settings, self.stop = db, queue, settings, stop
@@ -174,7 +177,7 @@ def run_worker(settings: Any, *, parent_pid: int | None = None) -> None:
         resend_orphans(db, queue, settings, older_than=0.0)
     except Exception:
         log.warning("Start-up sweep failed; the reaper retries", exc_info=True)
-    _Reaper(db, queue, settings, shutdown).start()
+    Reaper(db, queue, settings, shutdown).start()
     if parent_pid is not None:
         _ParentWatch(parent_pid, shutdown).start()
     log.info("Worker %s: %d thread(s), queue %s, database %s, device %s", worker_name(),
