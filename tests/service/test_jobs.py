@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import pickle
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -331,3 +332,47 @@ def test_stale_catalogue_row_for_a_reused_version_is_replaced(api: TestClient) -
     with api.app.state.db.session() as s:
         rows = list(s.scalars(select(ModelRecord).where(ModelRecord.name == "moons")))
     assert [(m.version, m.job_id) for m in rows] == [(1, r.json()["job_id"])]
+
+
+# ---------------------------------------------------------------------- the reaper
+@pytest.mark.parametrize(("retries", "cancel", "status"), [
+    (0, False, "queued"), (2, False, "failed"), (0, True, "cancelled")])
+def test_reaper_requeues_fails_or_cancels_a_job_with_a_stale_heartbeat(
+        api: TestClient, retries: int, cancel: bool, status: str) -> None:
+    from service.db import Job
+    from service.worker import reap
+
+    state = api.app.state
+    state.reaper_stop.set()  # the app's own reaper must not race this test's sweeps
+    r = api.post("/train", json=density_job(upload(api, two_moons(100))))
+    job_id = r.json()["job_id"]
+    state.queue.huey.flush()
+    attempt = state.db.claim(job_id, "dead-host:1")
+    assert attempt == 1
+    state.db.fenced_update(job_id, attempt, retries=retries, cancel_requested=cancel,
+                           heartbeat_at=time.time() - 60)
+    counts = reap(state.db, state.queue, state.settings.model_copy(update={"max_retries": 2}))
+    job = api.get(f"/jobs/{job_id}").json()
+    assert job["status"] == status, job
+    assert sum(counts.values()) == 1
+    if status == "queued":
+        assert job["retries"] == 1 and state.queue.pending() == 1  # and its message re-sent
+    if status == "failed":
+        assert "dead-host:1 stopped sending heartbeats" in job["error"]
+        assert "NFSERVE_MAX_RETRIES=2" in job["error"]
+    assert reap(state.db, state.queue, state.settings)["requeued"] == 0  # nothing twice
+    assert state.db.fenced_update(job_id, attempt, step=5) is False  # the old attempt is fenced
+    with state.db.session() as s:
+        assert s.get(Job, job_id).status == status
+
+
+def test_fresh_heartbeats_are_left_alone(api: TestClient) -> None:
+    from service.worker import reap
+
+    state = api.app.state
+    state.reaper_stop.set()
+    r = api.post("/train", json=density_job(upload(api, two_moons(100))))
+    state.db.claim(r.json()["job_id"], "live-host:1")
+    assert reap(state.db, state.queue, state.settings) == {
+        "requeued": 0, "failed": 0, "cancelled": 0, "resent": 0}
+    assert api.get(r.json()["status_url"]).json()["status"] == "running"
