@@ -110,28 +110,25 @@ class InferenceEngine:
             if self.metrics:
                 self.metrics.cache_hits.inc()
             return hit
-        pending = self._loading.get(key)
-        if pending is not None:  # someone else is loading it: wait for them
-            return await asyncio.shield(pending)
-        if self.metrics:
-            self.metrics.cache_misses.inc()
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._loading[key] = fut
-        try:
-            flow = await asyncio.to_thread(self._load, name, version)
-            batcher = Batcher(flow, f"{name}:{version}", self.config, metrics=self.metrics,
-                              device_lock=self._device_lock)
-            model = LoadedModel(name, version, flow, batcher)
-            self._cache[key] = model
-            self._evict()
-            fut.set_result(model)
-            return model
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # mark retrieved
-            raise
-        finally:
-            del self._loading[key]
+        task = self._loading.get(key)
+        if task is None:
+            # The load is a task of its own, so a request that goes away (cancelled) never
+            # cancels it for the other requests waiting on the same model.
+            if self.metrics:
+                self.metrics.cache_misses.inc()
+            task = asyncio.ensure_future(self._load_into_cache(name, version))
+            self._loading[key] = task
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load_into_cache(self, name: str, version: int) -> LoadedModel:
+        flow = await asyncio.to_thread(self._load, name, version)
+        batcher = Batcher(flow, f"{name}:{version}", self.config, metrics=self.metrics,
+                          device_lock=self._device_lock)
+        model = LoadedModel(name, version, flow, batcher)
+        self._cache[(name, version)] = model
+        self._evict()
+        return model
 
     def _evict(self) -> None:
         while len(self._cache) > self.settings.model_cache_size:

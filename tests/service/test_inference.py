@@ -105,3 +105,31 @@ def test_json_answer_names_model_and_version(server: Server) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/json")
     assert set(r.json()) == {"model", "version", "log_prob"}
+
+
+# ---------------------------------------------------------------------------------- engine unit
+def test_a_cancelled_request_does_not_cancel_a_shared_model_load(settings, make_model) -> None:
+    import asyncio
+
+    from service.inference import InferenceEngine
+    from service.store import ModelStore
+
+    make_model("tiny")
+    engine = InferenceEngine(settings, ModelStore(settings.models_dir))
+
+    async def main():
+        first = asyncio.ensure_future(engine.get("tiny"))
+        second = asyncio.ensure_future(engine.get("tiny"))
+        await asyncio.sleep(0)  # both are now waiting on the one load
+        first.cancel()
+        model = await second
+        assert first.cancelled()
+        again = await engine.get("tiny")  # a cache hit, the same loaded model
+        return model, again
+
+    try:
+        model, again = asyncio.run(main())
+        assert model is again and model.version == 1
+        assert engine.cached == [("tiny", 1)]
+    finally:
+        engine.close()
