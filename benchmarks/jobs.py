@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -39,11 +40,31 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import select  # noqa: E402
 
 import nfcore  # noqa: E402
-from benchmarks._machine import markdown_table, write_result  # noqa: E402
 from service.client import Client  # noqa: E402
 from service.db import Database, Job, ModelRecord  # noqa: E402
 
 FLOW = {"preset": "maf", "dim": 2, "transforms": 3, "hidden": [16, 16]}
+RESULT = ROOT / "benchmarks" / "results" / "jobs.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, PostgreSQL and Redis on "
+            f"127.0.0.1")
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def two_moons(n: int, seed: int = 0) -> np.ndarray:
@@ -237,6 +258,7 @@ def main() -> None:
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the clusters on SIGTERM
     data = two_moons(args.rows)
 
     times = direct(args, data)
@@ -287,10 +309,12 @@ def main() -> None:
           "so two workers can only scale as far as idle cores allow.\n")
     print(body)
     if not args.no_write:
-        command = "python benchmarks/jobs.py " + " ".join(sys.argv[1:])
-        path = write_result("jobs", "Training-job throughput: queue vs direct", body,
-                            command.strip())
-        print(f"wrote {path}")
+        command = ("python benchmarks/jobs.py " + " ".join(sys.argv[1:])).strip()
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(f"# Training-job throughput: queue vs direct\n\n- Date: {date}\n"
+                          f"- Machine: {machine()}\n- Command: `{command}`\n\n{body}")
+        print(f"wrote {RESULT}")
 
 
 if __name__ == "__main__":
