@@ -9,11 +9,11 @@ application/octet-stream`` with tensors ``x`` / ``context`` and the options in t
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
@@ -46,8 +46,20 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "Overloaded: queue full or deadline passed; retry later")]}
 
 
-def _binary_doc(schema: type[BaseModel], tensors: str, *, required: bool) -> dict[str, Any]:
-    return {"requestBody": {"required": required, "content": {
+def _query_doc(schema: type[BaseModel]) -> list[dict[str, Any]]:
+    """The options of ``schema`` as documented query parameters (used by binary requests)."""
+    props = schema.model_json_schema()["properties"]
+    return [{"name": name, "in": "query", "required": False,
+             "description": f"{prop.get('description', '')} (binary requests; a JSON body "
+                            f"carries it instead)",
+             "schema": {k: v for k, v in prop.items() if k not in ("description", "examples")},
+             **({"example": prop["examples"][0]} if prop.get("examples") else {})}
+            for name, prop in props.items()]
+
+
+def _binary_doc(schema: type[BaseModel], options: type[BaseModel], tensors: str, *,
+                required: bool) -> dict[str, Any]:
+    return {"parameters": _query_doc(options), "requestBody": {"required": required, "content": {
         "application/json": {"schema": schema.model_json_schema()},
         OCTET_STREAM: {"schema": {"type": "string", "format": "binary",
                                   "description": f"safetensors file with tensors {tensors}; "
@@ -110,32 +122,33 @@ def _options(cls: type[BaseModel], values: dict[str, Any]) -> Any:
         raise InvalidInput(validation_message(e.errors())) from None
 
 
-ModelQuery = Annotated[str | None, Query(description="Model name (binary requests).",
-                                         examples=["two_moons"])]
-VersionQuery = Annotated[int | None, Query(ge=1, description="Model version (binary requests); "
-                                           "omitted means the latest.")]
+def _query(request: Request, names: tuple[str, ...]) -> dict[str, str]:
+    # Options are read from the query string by hand and validated with the body's model: the
+    # same messages either way, and no per-request parameter machinery on the hot path.
+    params = request.query_params
+    return {name: params[name] for name in names if name in params}
 
 
 @router.post(
     "/log_prob", response_model=LogProbResponse,
     responses={200: _binary_answer("log_prob"), **_ERRORS},
-    openapi_extra=_binary_doc(LogProbRequest, "x (rows, dim) and optionally context",
-                             required=True))
-async def score_points(request: Request, engine: EngineDep, settings: SettingsDep,
-                       model: ModelQuery = None, version: VersionQuery = None) -> Response:
+    openapi_extra=_binary_doc(LogProbRequest, LogProbOptions,
+                              "x (rows, dim) and optionally context", required=True))
+async def score_points(request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
     """Log density of each row of x under a model (latest version unless version is given)."""
     binary = _is_binary(request)
     body = await read_body(request, settings.max_body_bytes)
+    query = _query(request, ("model", "version"))
     if binary:
         tensors = _parse_tensors(body, {"x", "context"})
         if "x" not in tensors:
             raise InvalidInput("The safetensors body has no tensor 'x'")
-        opts = _options(LogProbOptions, {"model": model, "version": version})
+        opts = _options(LogProbOptions, query)
         x, context = tensors["x"], tensors.get("context")
     else:
         data = _parse_json(body)
         x, context = data.pop("x", None), data.pop("context", None)
-        opts = _options(LogProbOptions, {"model": model, "version": version, **data})
+        opts = _options(LogProbOptions, {**query, **data})
         if x is None:
             raise InvalidInput("x: field required (a list of rows)")
         if isinstance(x, list) and len(x) > settings.max_rows:
@@ -152,22 +165,17 @@ async def score_points(request: Request, engine: EngineDep, settings: SettingsDe
 @router.post(
     "/sample", response_model=SampleResponse,
     responses={200: _binary_answer("samples (n, dim) and log_prob (n,)"), **_ERRORS},
-    openapi_extra=_binary_doc(SampleRequest, "context (optional, conditional models)",
-                             required=False))
-async def draw_samples(
-    request: Request, engine: EngineDep, settings: SettingsDep,
-    model: ModelQuery = None, version: VersionQuery = None,
-    n: Annotated[int | None, Query(ge=1, description="Samples (binary requests).")] = None,
-    seed: Annotated[int | None, Query(ge=0, description="Seed (binary requests).")] = None,
-) -> Response:
+    openapi_extra=_binary_doc(SampleRequest, SampleOptions,
+                              "context (optional, conditional models)", required=False))
+async def draw_samples(request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
     """Draw n samples and their log densities; the same seed gives the same samples."""
     binary = _is_binary(request)
     body = await read_body(request, settings.max_body_bytes)
-    query = {"model": model, "version": version, "n": n, "seed": seed}
+    query = _query(request, ("model", "version", "n", "seed"))
     if binary:
         context = _parse_tensors(body, {"context"}).get("context")
         opts = _options(SampleOptions, query)
-    elif not body.strip() and model is not None:  # all options in the query, no body
+    elif not body.strip() and "model" in query:  # all options in the query, no body
         context = None
         opts = _options(SampleOptions, query)
     else:
