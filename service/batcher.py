@@ -188,8 +188,15 @@ class Batcher:
                 try:
                     results = self._forward(live)
                     out.extend((job, res, None) for job, res in zip(live, results, strict=True))
-                except BaseException as exc:  # handed to every request of the batch
-                    out.extend((job, None, exc) for job in live)
+                except Exception as exc:
+                    if len(live) == 1:
+                        out.append((live[0], None, exc))
+                    else:  # run them one by one, so only the request at fault fails
+                        for job in live:
+                            try:
+                                out.append((job, self._forward([job])[0], None))
+                            except Exception as one:
+                                out.append((job, None, one))
             by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for job, res, exc in out:
                 by_loop.setdefault(job.loop, []).append((job.future, res, exc))

@@ -210,3 +210,24 @@ def test_concurrent_seeded_samples_equal_sequential_ones(server: Server, client:
     for s, (x, lq) in zip(seeds, results, strict=True):
         np.testing.assert_allclose(x, sequential[s][0], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(lq, sequential[s][1], rtol=1e-6, atol=1e-6)
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates(flow: nfcore.Flow) -> None:
+    lock = threading.Lock()
+    batcher = Batcher(flow, "t:1", BatcherConfig(max_queue_delay_s=0.0), device_lock=lock)
+
+    async def main() -> list:
+        with lock:
+            first = make_job("log_prob", 1, x=np.zeros((1, 2), np.float32))
+            batcher.submit(first)
+            while batcher.queued_rows:
+                await asyncio.sleep(0.001)
+            good = make_job("log_prob", 2, x=np.zeros((2, 2), np.float32))
+            bad = make_job("log_prob", 2, x=np.zeros((2, 3), np.float32))  # slipped past checks
+            run_held(batcher, lock, [good, bad])
+        return await gather([first, good, bad])
+
+    _, good, bad = asyncio.run(main())
+    batcher.close()
+    assert isinstance(good, np.ndarray) and good.shape == (2,)
+    assert isinstance(bad, Exception)
