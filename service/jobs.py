@@ -101,30 +101,32 @@ def submit_job(body: JobCreate, *, db: Database, queue: JobQueue, settings: Any)
     spec = _spec(body.flow)
     training = body.training.model_dump()
     objective = body.objective
+    parsed = None
     if isinstance(objective, DensityObjective):
-        if objective.data is not None:
+        if objective.data is not None:  # stored as a dataset once every check has passed
             parsed = parse_inline(objective.data, objective.context)
-            dataset = save_dataset(db, settings.data_dir, parsed, filename="inline")
-            stored = {"kind": "density", "dataset": dataset.id, "inline": True}
+            rows, dim, context_dim = parsed.rows, parsed.dim, parsed.context_dim
+            stored = {"kind": "density", "dataset": None, "inline": True}
         else:
             dataset = db.get_dataset(objective.dataset)
             if dataset is None:
                 raise InvalidInput(f"objective.dataset: unknown dataset {objective.dataset!r}; "
                                    f"upload one with POST /datasets")
+            rows, dim, context_dim = dataset.rows, dataset.dim, dataset.context_dim
             stored = {"kind": "density", "dataset": dataset.id, "inline": False}
-        if dataset.dim != spec["dim"]:
-            raise InvalidInput(f"objective: the data has {dataset.dim} columns; the flow has dim "
+        if dim != spec["dim"]:
+            raise InvalidInput(f"objective: the data has {dim} columns; the flow has dim "
                                f"{spec['dim']}")
-        if dataset.context_dim != spec["context_dim"]:
-            raise InvalidInput(f"objective: the data has context of dimension "
-                               f"{dataset.context_dim}; the flow has context_dim "
-                               f"{spec['context_dim']}")
-        if dataset.rows < 2:
-            raise InvalidInput(f"objective: the data has {dataset.rows} row; training needs at "
-                               f"least 2")
+        if context_dim != spec["context_dim"]:
+            raise InvalidInput(f"objective: the data has context of dimension {context_dim}; "
+                               f"the flow has context_dim {spec['context_dim']}")
+        if rows < 2:
+            raise InvalidInput(f"objective: the data has {rows} row; training needs at least 2")
         if training["anneal_steps"] is not None:
             raise InvalidInput("training.anneal_steps: only for variational jobs")
-        steps = density_steps(training, dataset.rows)
+        if training["steps"] is not None and training["epochs"] is not None:
+            raise InvalidInput("training: give 'steps' or 'epochs', not both")
+        steps = density_steps(training, rows)
         kind = "density"
     else:
         if spec["context_dim"]:
@@ -136,6 +138,8 @@ def submit_job(body: JobCreate, *, db: Database, queue: JobQueue, settings: Any)
         steps = training["steps"] or DEFAULT_STEPS
         kind = "variational"
     _check_budget(steps, settings)
+    if parsed is not None:
+        stored["dataset"] = save_dataset(db, settings.data_dir, parsed, filename="inline").id
     training["total"] = steps
     job = Job(id=new_id("job"), name=body.name, kind=kind, status="queued", spec=spec,
               objective=stored, training=training, total=steps, step=0)

@@ -118,67 +118,88 @@ class JobCreate(BaseModel):
 class JobAccepted(BaseModel):
     """The answer to ``POST /train`` (202)."""
 
-    job_id: str
-    status: str = Field(examples=["queued"])
-    status_url: str = Field(examples=["/jobs/job_0123"])
+    job_id: str = Field(description="Id of the new job.",
+                        examples=["job_0123456789abcdef0123456789abcdef"])
+    status: str = Field(description="Always 'queued' at first.", examples=["queued"])
+    status_url: str = Field(description="Where to poll the job (also the Location header).",
+                            examples=["/jobs/job_0123456789abcdef0123456789abcdef"])
 
 
 class ProgressPublic(BaseModel):
-    step: int | None = Field(None, description="Steps done.")
-    total: int | None = Field(None, description="Steps planned.")
-    loss: float | None = Field(None, description="Latest training loss.")
-    val_loss: float | None = Field(None, description="Latest validation loss (density jobs).")
-    elapsed: float | None = Field(None, description="Seconds of training so far.")
-    eta: float | None = Field(None, description="Estimated seconds left.")
+    """Where a job stands; written by its worker about once a second while it runs."""
+
+    step: int | None = Field(None, description="Steps done.", examples=[1200])
+    total: int | None = Field(None, description="Steps planned.", examples=[2000])
+    loss: float | None = Field(None, description="Latest training loss (mean since the previous "
+                               "report).", examples=[1.234])
+    val_loss: float | None = Field(None, description="Latest validation loss (density jobs).",
+                                   examples=[1.251])
+    elapsed: float | None = Field(None, description="Seconds of training so far (across "
+                                  "attempts).", examples=[12.5])
+    eta: float | None = Field(None, description="Estimated seconds left.", examples=[8.3])
 
 
 class JobResult(BaseModel):
-    model: str
-    version: int
+    """The model version a succeeded job published."""
+
+    model: str = Field(description="Model name.", examples=["two_moons"])
+    version: int = Field(description="The new version, servable at once.", examples=[3])
+
+
+_TS = "UTC time"
 
 
 class JobPublic(BaseModel):
     """A job as ``GET /jobs/{id}`` shows it."""
 
-    id: str
-    name: str
-    kind: Literal["density", "variational"]
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    cancel_requested: bool
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    heartbeat_at: datetime | None
-    attempts: int = Field(description="Times a worker started it.")
-    retries: int = Field(description="Times it was re-queued after its worker died.")
+    id: str = Field(description="Job id.", examples=["job_0123456789abcdef0123456789abcdef"])
+    name: str = Field(description="Model name the job publishes to.", examples=["two_moons"])
+    kind: Literal["density", "variational"] = Field(description="Objective kind.",
+                                                    examples=["density"])
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="Lifecycle state.", examples=["running"])
+    cancel_requested: bool = Field(description="DELETE was called; a running job stops within a "
+                                   "step.", examples=[False])
+    created_at: datetime = Field(description=f"{_TS} of submission.")
+    started_at: datetime | None = Field(description=f"{_TS} a worker first started it.")
+    finished_at: datetime | None = Field(description=f"{_TS} it ended.")
+    heartbeat_at: datetime | None = Field(description=f"{_TS} of its worker's last heartbeat.")
+    attempts: int = Field(description="Times a worker started it.", examples=[1])
+    retries: int = Field(description="Times it was re-queued after its worker died.",
+                         examples=[0])
     resumed_from: int | None = Field(None, description="Checkpoint step the latest attempt resumed "
-                                     "from, if any.")
-    progress: ProgressPublic
-    result: JobResult | None
-    error: str | None
-    objective: dict[str, Any]
-    training: dict[str, Any]
-    spec: dict[str, Any]
+                                     "from, if any.", examples=[None])
+    progress: ProgressPublic = Field(description="Step, total, losses, elapsed and eta.")
+    result: JobResult | None = Field(description="The published model, once succeeded.")
+    error: str | None = Field(description="Why it failed.", examples=[None])
+    objective: dict[str, Any] = Field(description="What it fits: dataset id or target.",
+                                      examples=[{"kind": "density", "dataset": "ds_0123"}])
+    training: dict[str, Any] = Field(description="Training options, defaults filled in.",
+                                     examples=[{"steps": 2000, "batch_size": 256}])
+    spec: dict[str, Any] = Field(description="The normalized flow spec.")
 
 
 class JobsPublic(BaseModel):
-    data: list[JobPublic]
-    count: int
+    """Jobs, newest first."""
+
+    data: list[JobPublic] = Field(description="This page of jobs.")
+    count: int = Field(description="Jobs matching the filters in all.", examples=[42])
 
 
 class DatasetPublic(BaseModel):
     """An uploaded dataset."""
 
-    id: str
-    rows: int
-    dim: int
-    context_dim: int
-    format: str
-    dtype: str
-    filename: str | None
-    bytes: int
-    sha256: str
-    created_at: datetime
+    id: str = Field(description="Dataset id, for objective.dataset.",
+                    examples=["ds_0123456789abcdef0123456789abcdef"])
+    rows: int = Field(description="Rows (points).", examples=[10000])
+    dim: int = Field(description="Columns of x; must equal the flow's dim.", examples=[2])
+    context_dim: int = Field(description="Columns of the context (0 if none).", examples=[0])
+    format: str = Field(description="csv, npy, safetensors, or inline.", examples=["csv"])
+    dtype: str = Field(description="Stored dtype of x.", examples=["float64"])
+    filename: str | None = Field(description="Uploaded file name.", examples=["moons.csv"])
+    bytes: int = Field(description="Size of the stored safetensors file.", examples=[160104])
+    sha256: str = Field(description="Hash of the stored file.", examples=["sha256:9f…"])
+    created_at: datetime = Field(description=f"{_TS} of the upload.")
 
 
 def job_public(job: Job) -> JobPublic:

@@ -73,6 +73,8 @@ def density_job(dataset: str, steps: int = 40, name: str = "moons", **training) 
     ({"training": {"lr": -1}}, "training.lr"),
     ({"training": {"stepz": 5}}, "training.stepz"),
     ({"training": {"anneal_steps": 5}}, "only for variational"),
+    ({"training": {"steps": 5, "epochs": 2}}, "not both"),
+    ({"objective": {"kind": "density", "data": [[1, 2, 3], [4, 5, 6]]}}, "3 columns"),
     ({"objective": {"kind": "density", "dataset": "ds_missing"}}, "unknown dataset 'ds_missing'"),
     ({"objective": {"kind": "density"}}, "exactly one of 'dataset'"),
     ({"objective": {"kind": "density", "data": [[1, 2], [3]]}}, "does not have the 2 values"),
@@ -96,6 +98,8 @@ def test_train_refuses_bad_requests_with_422(api: TestClient, change: dict,
     assert r.status_code == 422, r.text
     assert message in r.json()["detail"]
     assert api.get("/jobs").json()["count"] == 0  # nothing was queued
+    datasets = api.app.state.settings.data_dir / "datasets"
+    assert len(list(datasets.iterdir())) == 1  # and no inline data was kept
 
 
 def test_train_refuses_non_finite_inline_data(api: TestClient) -> None:
