@@ -34,11 +34,18 @@ class Autoregressive(Layer):
         return out, ladj.sum(-1)
 
     def _sequential(self, v: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        # Pass i fixes feature i, since its parameters only read features < i, already fixed.
-        out = torch.zeros_like(v)
-        for _ in range(self.dim):
-            out, ladj = self.elementwise(v, self.made(out, context), inverse)
-        return out, ladj.sum(-1)
+        # Pass i computes feature i from the features before it, already final: exact after
+        # ``dim`` passes. Columns are collected in a list (no in-place writes, autograd-safe).
+        columns: list[Tensor] = []
+        ladj = v.new_zeros(v.shape[0])
+        out = v[..., :0]
+        for i in range(self.dim):
+            params = self.made.feature_params(out, context, i)
+            col, l = self.elementwise(v[..., i : i + 1], params[:, None, :], inverse)
+            columns.append(col)
+            ladj = ladj + l[..., 0]
+            out = torch.cat(columns, dim=-1)
+        return out, ladj
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.inverse_autoregressive:

@@ -8,13 +8,18 @@ returns ``log|det dz/dx|``; ``inverse`` maps ``z`` to ``x`` and returns ``log|de
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Layer", "MLP", "MADE", "ACTIVATIONS", "soft_clamp"]
 
+def _relu() -> nn.Module:
+    # In place: saves one (batch x width) allocation per hidden layer, and ReLU's backward only
+    # needs its output, so autograd stays correct.
+    return nn.ReLU(inplace=True)
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
+    "relu": _relu,
     "elu": nn.ELU,
     "silu": nn.SiLU,
     "gelu": nn.GELU,
@@ -42,6 +47,15 @@ class Layer(nn.Module):
         raise NotImplementedError
 
 
+class Dense(nn.Linear):
+    """``nn.Linear`` computed as a matmul then an in-place bias add: on CPU this skips addmm's
+    broadcast copy of the bias into the output, about a third of a wide layer's time at large
+    batch. Autograd-safe: the matmul's backward does not read its output."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.weight.T).add_(self.bias)
+
+
 class MLP(nn.Sequential):
     """A plain multi-layer perceptron: ``in_features -> hidden... -> out_features``."""
 
@@ -49,13 +63,13 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+            layers += [Dense(width, h), ACTIVATIONS[activation]()]
             width = h
-        layers.append(nn.Linear(width, out_features))
+        layers.append(Dense(width, out_features))
         super().__init__(*layers)
 
 
-class MaskedLinear(nn.Linear):
+class MaskedLinear(Dense):
     """A linear layer whose weight is multiplied by a fixed 0/1 mask (MADE)."""
 
     def __init__(self, mask: Tensor):
@@ -64,7 +78,7 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return (x @ (self.weight * self.mask).T).add_(self.bias)
 
 
 class MADE(nn.Module):
@@ -90,11 +104,12 @@ class MADE(nn.Module):
         for h in hidden:
             # Hidden degrees cycle so every unit reaches some output. With a context, degree-0 units
             # see the context alone, which is what the first feature's parameters may depend on.
+            # Sorted, so the units that feature i may read form a prefix (see ``feature_params``).
             if context:
                 deg = torch.arange(h) % features
             else:
                 deg = torch.arange(h) % max(features - 1, 1) + 1
-            degrees.append(deg)
+            degrees.append(deg.sort().values)
         out_deg = torch.arange(1, features + 1).repeat_interleave(params)
         layers: list[nn.Module] = []
         for d_in, d_out in zip(degrees[:-1], degrees[1:], strict=True):
@@ -102,8 +117,30 @@ class MADE(nn.Module):
             layers += [ACTIVATIONS[activation]()]
         layers.append(MaskedLinear((out_deg[:, None] > degrees[-1][None, :]).float()))
         self.net = nn.Sequential(*layers)
+        # widths[i][l]: how many units of layer l feature i's parameters can depend on.
+        self.widths = [[int((d <= i).sum()) for d in degrees] for i in range(features)]
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if context is not None:
             x = torch.cat([context, x], dim=-1)
         return self.net(x).unflatten(-1, (self.features, self.params))
+
+    def feature_params(self, x: Tensor, context: Tensor | None, i: int) -> Tensor:
+        """The parameters of feature ``i`` alone, shape ``(N, params)``, from ``x[:, :i]``.
+
+        Equal to ``forward(x, context)[:, i]`` but it only touches the units of degree <= i (a
+        prefix, since degrees are sorted) and feature i's output rows: a sequential inversion
+        over all features costs about a third of ``features`` full passes.
+        """
+        widths = self.widths[i]
+        h = x[..., :i] if context is None else torch.cat([context, x[..., :i]], dim=-1)
+        linears = [m for m in self.net if isinstance(m, MaskedLinear)]
+        acts = [m for m in self.net if not isinstance(m, MaskedLinear)]
+        for layer, act, n_in, n_out in zip(linears[:-1], acts, widths[:-1], widths[1:],
+                                           strict=True):
+            w = layer.weight[:n_out, :n_in] * layer.mask[:n_out, :n_in]
+            h = act((h @ w.T).add_(layer.bias[:n_out]))
+        last = linears[-1]
+        rows = slice(i * self.params, (i + 1) * self.params)
+        w = last.weight[rows, : widths[-1]] * last.mask[rows, : widths[-1]]
+        return (h @ w.T).add_(last.bias[rows])

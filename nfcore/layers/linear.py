@@ -79,14 +79,17 @@ class Permute(Layer):
             order = torch.arange(dim - 1, -1, -1)
         else:
             order = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
+        self.reverse = kind == "reverse"
         self.register_buffer("order", order)
         self.register_buffer("inverse_order", torch.argsort(order))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return x[:, self.order], x.new_zeros(x.shape[0])
+        z = x.flip(-1) if self.reverse else x.index_select(-1, self.order)
+        return z, x.new_zeros(x.shape[0])
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return z[:, self.inverse_order], z.new_zeros(z.shape[0])
+        x = z.flip(-1) if self.reverse else z.index_select(-1, self.inverse_order)
+        return x, z.new_zeros(z.shape[0])
 
 
 class Standardize(Layer):
