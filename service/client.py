@@ -358,7 +358,13 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """Asynchronous client; the same methods as ``Client``, awaited."""
+    """Asynchronous client; the same methods as ``Client``, awaited.
+
+    One ``AsyncClient`` shares one httpx connection pool. At high concurrency the pool itself costs
+    CPU: on the 2-core benchmark machine, 64 concurrent requests through one pool ran at ~75
+    requests/s against ~470 for the same server with raw sockets (benchmarks/serving.py uses a
+    minimal load generator for that reason). Send large batches, or cap ``max_connections``.
+    """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
                  timeout: float = 120.0, binary_rows: int = 1000,
