@@ -40,10 +40,9 @@ DEFAULT_STEPS = 1000
 
 
 def build_target(spec: dict[str, Any]) -> targets.Target:
-    """The target of a variational objective (``{"builtin", "options"}`` or an expression)."""
-    if "builtin" in spec:
-        return targets.get(spec["builtin"], **spec.get("options", {}))
-    return targets.from_expression(spec["dim"], spec["log_prob"], spec.get("constants") or {})
+    """The target of a variational objective (``{"builtin", "options"}`` or an expression); its
+    ``spec`` goes into the model's training summary and the checkpoint fingerprint."""
+    return targets.from_spec(spec)
 
 
 def density_steps(training: dict[str, Any], rows: int) -> int:
