@@ -104,8 +104,10 @@ def run_train(args: argparse.Namespace) -> int:
     from .errors import ServiceError
     from .jobs import build_target
     from .store import ModelStore
+    from .worker import load_plugins
 
     settings = _settings(models_dir=args.models_dir, device=args.device)
+    load_plugins(settings)
     sources = [s for s in (args.data, args.target, args.expression) if s]
     if len(sources) != 1:
         raise CommandError("give exactly one of --data FILE, --target NAME or --expression EXPR")

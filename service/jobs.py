@@ -212,9 +212,10 @@ def open_jobs(app: Any) -> None:
     and their readiness checks."""
     import threading
 
-    from .worker import Reaper
+    from .worker import Reaper, load_plugins
 
     settings = app.state.settings
+    load_plugins(settings)  # plugin targets must be known here, to check submissions
     app.state.db = Database.from_settings(settings)
     app.state.db.create_all()
     app.state.queue = JobQueue(settings)

@@ -35,7 +35,7 @@ from .queue import JobQueue
 from .store import ModelStore
 from .tasks import JobRunner, checkpoint_path, worker_name
 
-__all__ = ["reap", "resend_orphans", "Reaper", "run_worker", "check_worker", "start_embedded_worker",
+__all__ = ["reap", "resend_orphans", "Reaper", "load_plugins", "run_worker", "check_worker", "start_embedded_worker",
            "stop_embedded_worker", "settings_env", "main"]
 
 log = logging.getLogger("nfserve.worker")
@@ -154,6 +154,7 @@ class _Consumer(Consumer):
 
 
 def load_plugins(settings: Any) -> None:
+    """Import the operator's plugin modules (``NFSERVE_PLUGINS``); they register targets."""
     for module in settings.plugins:
         importlib.import_module(module)
 

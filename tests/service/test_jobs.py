@@ -380,3 +380,23 @@ def test_fresh_heartbeats_are_left_alone(api: TestClient) -> None:
     assert reap(state.db, state.queue, state.settings) == {
         "requeued": 0, "failed": 0, "cancelled": 0, "resent": 0}
     assert api.get(r.json()["status_url"]).json()["status"] == "running"
+
+
+def test_plugin_targets_are_checked_at_submission_and_trained(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin = tmp_path / "plugins" / "nfserve_test_plugin.py"
+    plugin.parent.mkdir()
+    plugin.write_text("import nfcore\n"
+                      "nfcore.targets.register('ring_test', lambda z: -((z * z).sum(-1) - 4) ** 2,"
+                      " dim=2, replace=True)\n")
+    monkeypatch.syspath_prepend(str(plugin.parent))
+    settings = Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data",
+                        embedded_worker=False, plugins=["nfserve_test_plugin"], device="cpu",
+                        _env_file=None)
+    with TestClient(create_app(settings)) as api:
+        body = {"name": "ring", "flow": TINY_FLOW, "training": {"steps": 10},
+                "objective": {"kind": "variational", "target": {"builtin": "ring_test"}}}
+        r = api.post("/train", json=body)
+        assert r.status_code == 202, r.text
+        runner_for(api)(r.json()["job_id"])
+        assert api.get(r.json()["status_url"]).json()["status"] == "succeeded"
