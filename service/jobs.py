@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -179,19 +180,23 @@ def list_jobs(db: Database, *, status: str | None = None, name: str | None = Non
     return jobs, count
 
 
-def cancel_job(db: Database, job_id: str) -> Job:
+def cancel_job(db: Database, job_id: str, *, data_dir: Any = None) -> Job:
     """Cancel: a queued job becomes ``cancelled`` at once and never starts; a running one is
-    flagged and its worker stops it within a step. A finished job is a 409."""
+    flagged and its worker stops it within a step. A finished job is a 409. A queued job that
+    had been handed back keeps a checkpoint in ``data_dir``: it is deleted."""
     t = now()
     with db.session() as s:
         if s.get(Job, job_id) is None:
             raise NotFound(f"Unknown job {job_id!r}; GET /jobs lists the jobs")
-        s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                  .values(status="cancelled", cancel_requested=True, finished_at=t, updated_at=t)
-                  .execution_options(synchronize_session=False))
+        was_queued = s.execute(
+            update(Job).where(Job.id == job_id, Job.status == "queued")
+            .values(status="cancelled", cancel_requested=True, finished_at=t, updated_at=t)
+            .execution_options(synchronize_session=False)).rowcount
         s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
                   .values(cancel_requested=True, updated_at=t)
                   .execution_options(synchronize_session=False))
+    if was_queued and data_dir is not None:
+        (Path(data_dir) / "checkpoints" / f"{job_id}.safetensors").unlink(missing_ok=True)
     job = read_job(db, job_id)
     if job.status in ("succeeded", "failed"):
         raise Conflict(f"Job {job_id!r} already {job.status}; there is nothing to cancel")

@@ -73,7 +73,7 @@ def read_job_status(job_id: JobIdPath, db: DatabaseDep) -> JobPublic:
 @router.delete("/jobs/{job_id}", response_model=JobPublic, dependencies=[WriteAccess],
                responses={**_ERR, 409: {"model": ErrorPublic,
                                         "description": "The job already finished"}})
-def delete_job(job_id: JobIdPath, db: DatabaseDep) -> JobPublic:
+def delete_job(job_id: JobIdPath, db: DatabaseDep, settings: SettingsDep) -> JobPublic:
     """Cancel a job: a queued one never starts; a running one stops within a step and publishes
     nothing."""
-    return job_public(cancel_job(db, job_id))
+    return job_public(cancel_job(db, job_id, data_dir=settings.data_dir))

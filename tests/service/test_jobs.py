@@ -190,8 +190,12 @@ def test_job_whose_data_vanished_fails_with_the_reason(api: TestClient) -> None:
 def test_cancelled_queued_job_never_starts(api: TestClient) -> None:
     r = api.post("/train", json=density_job(upload(api, two_moons(100))))
     job_id = r.json()["job_id"]
+    ckpt = checkpoint_path(api.app.state.settings, job_id)  # as if handed back mid-training
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_bytes(b"checkpoint")
     r = api.delete(f"/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert not ckpt.exists()
     runner_for(api)(job_id)  # the queue still delivers its message: it must not run
     job = api.get(f"/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["attempts"] == 0 and job["started_at"] is None
