@@ -183,7 +183,7 @@ def run_worker(settings: Any, *, parent_pid: int | None = None) -> None:
         _ParentWatch(parent_pid, shutdown).start()
     log.info("Worker %s: %d thread(s), queue %s, database %s, device %s", worker_name(),
              settings.worker_threads, "redis" if queue.is_redis else "sqlite",
-             db.url.render_as_string(hide_password=True), settings.device)
+             db.url.render_as_string(hide_password=True), settings.resolved_device)
     try:
         consumer.run()
     finally:
