@@ -16,7 +16,7 @@ from service.batcher import Batcher, BatcherConfig, Job
 from service.client import AsyncClient, Client
 from service.errors import Overloaded
 
-from .conftest import TINY, Server
+from .conftest import TINY, Server, write_model
 
 
 @pytest.fixture
@@ -196,11 +196,21 @@ def batch_counts(text: str, model: str) -> tuple[float, float]:
 def test_concurrent_seeded_samples_equal_sequential_ones(server: Server, client: Client) -> None:
     seeds = list(range(100, 124))
     sequential = {s: client.sample("tiny3", 10 + s % 7, seed=s) for s in seeds}
+    # A slow pass of another model holds the device while the samples queue up behind it, so
+    # they are batched even when the machine is too busy to send them within the queue delay.
+    write_model(server.models_dir, "slow", {"preset": "planar", "dim": 2, "transforms": 64})
+    slow_x = np.random.default_rng(0).normal(size=(5000, 2))
+    client.log_prob("slow", slow_x[:10])  # loaded
     before = batch_counts(client.metrics(), "tiny3:1")
 
     async def concurrent():
         async with AsyncClient(server.url) as ac:
-            return await asyncio.gather(*(ac.sample("tiny3", 10 + s % 7, seed=s) for s in seeds))
+            slow = asyncio.ensure_future(ac.log_prob("slow", slow_x, binary=True))
+            await asyncio.sleep(0)
+            results = await asyncio.gather(*(ac.sample("tiny3", 10 + s % 7, seed=s)
+                                              for s in seeds))
+            await slow
+            return results
 
     results = asyncio.run(concurrent())
     after = batch_counts(client.metrics(), "tiny3:1")
