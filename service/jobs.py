@@ -33,7 +33,7 @@ from .queue import JobQueue
 
 __all__ = ["submit_job", "cancel_job", "list_jobs", "read_job", "build_target",
            "density_steps", "dataset_or_404", "open_jobs", "close_jobs", "check_job_store",
-           "check_queue", "DEFAULT_STEPS"]
+           "check_queue", "JobsCollector", "DEFAULT_STEPS"]
 
 log = logging.getLogger("nfserve.jobs")
 
@@ -225,6 +225,9 @@ def open_jobs(app: Any) -> None:
     app.state.db.create_all()
     app.state.queue = JobQueue(settings)
     app.state.readiness_checks.extend([check_job_store, check_queue])
+    metrics = getattr(app.state, "metrics", None)
+    if metrics is not None:
+        metrics.registry.register(JobsCollector(app.state.db, app.state.queue))
     # The API reaps too: with every worker gone, a running job is still re-queued or failed.
     app.state.reaper_stop = threading.Event()
     Reaper(app.state.db, app.state.queue, settings, app.state.reaper_stop).start()
@@ -241,6 +244,36 @@ def close_jobs(app: Any) -> None:
     db = getattr(app.state, "db", None)
     if db is not None:
         db.dispose()
+
+
+class JobsCollector:
+    """Prometheus gauges read at scrape time: jobs by status, and messages waiting in the queue."""
+
+    def __init__(self, db: Database, queue: JobQueue):
+        self.db, self.queue = db, queue
+
+    def describe(self) -> list:
+        return []  # collected lazily, so registering does not query the database
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        jobs = GaugeMetricFamily("nfserve_jobs", "Training jobs by status.", labels=["status"])
+        try:
+            with self.db.session() as s:
+                counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        except Exception:  # a scrape must not fail because the database blinked
+            counts = None
+        if counts is not None:
+            for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+                jobs.add_metric([status], counts.get(status, 0))
+            yield jobs
+        try:
+            pending = self.queue.pending()
+        except Exception:
+            return
+        yield GaugeMetricFamily("nfserve_job_queue_messages", "Messages waiting in the job queue.",
+                                value=pending)
 
 
 def check_job_store(app: Any) -> tuple[str, bool, str]:

@@ -404,3 +404,13 @@ def test_plugin_targets_are_checked_at_submission_and_trained(
         assert r.status_code == 202, r.text
         runner_for(api)(r.json()["job_id"])
         assert api.get(r.json()["status_url"]).json()["status"] == "succeeded"
+
+
+def test_metrics_count_jobs_by_status(api: TestClient) -> None:
+    r = api.post("/train", json=density_job(upload(api, two_moons(100)), steps=10))
+    api.post("/train", json=density_job(upload(api, two_moons(100)), steps=10))
+    runner_for(api)(r.json()["job_id"])
+    text = api.get("/metrics").text
+    assert 'nfserve_jobs{status="succeeded"} 1.0' in text
+    assert 'nfserve_jobs{status="queued"} 1.0' in text
+    assert "nfserve_job_queue_messages" in text
