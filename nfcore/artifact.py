@@ -1,4 +1,4 @@
-"""Model artifacts: one ``model.safetensors`` per model version, never a pickle.
+"""Model artifacts: one ``model.safetensors`` per model version, no pickled objects.
 
 Tensors are the flow's ``state_dict``. ``__metadata__`` holds the normalized spec, the format version,
 the caller's metadata (e.g. the training summary) and a SHA-256 content hash over all of it. Loading
@@ -143,7 +143,7 @@ def loads(data: bytes, *, device: str | torch.device | None = None) -> Flow:
             raise ArtifactError(f"Tensor {name!r} holds NaN or infinite values")
     flow.load_state_dict(tensors, strict=True)
     flow.metadata = {k: v for k, v in meta.items() if not k.startswith("nfcore.")}
-    flow.eval()
+    flow.train(False)
     return flow.to(device) if device is not None else flow
 
 

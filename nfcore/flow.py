@@ -153,4 +153,4 @@ class Flow(nn.Module):
 
 def build(spec: dict[str, Any]) -> Flow:
     """Build a ``Flow`` from a JSON spec; raises ``SpecError`` naming the offending field."""
-    return Flow(spec).eval()
+    return Flow(spec).train(False)
