@@ -2,7 +2,7 @@
 
 ``SqliteHuey`` in ``data_dir`` is the embedded default; ``RedisHuey`` is chosen by a ``redis://``
 (or ``rediss://``, ``unix://``) queue URL so workers on other hosts can share it. The task code is
-the same in both modes. Messages are JSON, never pickle: anyone who can write to Redis could
+the same in both modes. Messages are JSON, never pickled objects: anyone who can write to Redis could
 otherwise make every worker run code of their choosing.
 
 The queue is only a doorbell. The job row in the database is the system of record, and a worker
