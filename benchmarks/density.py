@@ -3,7 +3,7 @@
 For every ``shared/data/*.npy`` set: shuffle (seed 0), fit on 80 % and report the mean
 log-likelihood of the other 20 % in nats, in the data's own units. Both libraries get the same
 protocol and budget: 10 % of the training rows for validation (the same rows), early stopping with
-best-weight restore (patience 20 checks), batch 256, AdamW, linear warm-up then cosine decay,
+best-weight restore (``--patience`` checks, default 50), batch 256, AdamW, linear warm-up then cosine decay,
 gradient clipping at 5, at most ``--steps`` steps and ``--max-seconds`` of wall clock. zuko's flow
 sees standardized data and its log-likelihood is corrected by the scale's log-determinant, as
 nfcore's ``standardize`` layer does internally.
@@ -47,7 +47,8 @@ def fit_nfcore(spec: dict, train: np.ndarray, args) -> tuple[nfcore.Flow, dict]:
     torch.manual_seed(args.seed)
     flow = nfcore.build(spec)
     result = nfcore.fit_density(flow, train, steps=args.steps, batch_size=args.batch, lr=args.lr,
-                                max_seconds=args.max_seconds, seed=args.seed)
+                                max_seconds=args.max_seconds, seed=args.seed,
+                                patience=args.patience)
     return flow, result.summary
 
 
@@ -72,7 +73,7 @@ def fit_zuko(train: np.ndarray, args) -> tuple[object, torch.Tensor, torch.Tenso
     best, best_state, bad, step = math.inf, None, 0, 0
     start = time.monotonic()
     perm = None
-    while step < args.steps and time.monotonic() - start < args.max_seconds and bad < 20:
+    while step < args.steps and time.monotonic() - start < args.max_seconds and bad < args.patience:
         epoch, i = divmod(step, per_epoch)
         if i == 0 or perm is None:
             perm = torch.randperm(n, generator=generator(args.seed, 1, epoch))
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--max-seconds", type=float, default=120.0)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--patience", type=int, default=50)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -158,7 +160,7 @@ def main() -> None:
 (seed {args.seed}). nfcore preset `{args.preset}` and zuko `NSF` with the same size: {args.transforms}
 transforms, hidden {args.hidden}, {args.bins} bins. Budget for each: at most {args.steps} steps and
 {args.max_seconds:.0f} s, batch {args.batch}, AdamW lr {args.lr:g}, warm-up then cosine decay, clipping 5,
-validation on 10 % of the training rows with early stopping (patience 20 checks) and best-weight
+validation on 10 % of the training rows with early stopping (patience {args.patience} checks) and best-weight
 restore, {args.threads} torch thread(s). zuko gets the same split, schedule and early stopping
 written out in plain torch, on standardized data (its log-likelihood corrected by the
 standardization's log-determinant).
