@@ -215,7 +215,7 @@ def fit_density(
                 extra["loss_sum"], extra["loss_count"] = 0.0, 0
                 val = None
                 if n_val:
-                    flow.eval()
+                    flow.train(False)
                     val = _mean_nll(flow, x_val, c_val)
                     flow.train()
                     if extra["best_val"] is None or val < extra["best_val"]:
@@ -230,7 +230,7 @@ def fit_density(
             loop.maybe_checkpoint()
         loop.maybe_checkpoint(force=True)
     finally:
-        flow.eval()
+        flow.train(False)
     if n_val:
         flow.load_state_dict({k.split(".", 1)[1]: v for k, v in loop.extra_tensors.items()})
     last = loop.history[-1] if loop.history else {}

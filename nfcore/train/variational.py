@@ -26,7 +26,7 @@ def evaluate_target(flow: Flow, target: Target, n: int = 20_000, seed: int = 0) 
     ``elbo``, ``elbo_stderr``, ``ess_fraction``, ``log_z_estimate`` and ``kl`` (when ``log_z`` is
     known; ``KL(q||p) = log Z - ELBO``, in nats)."""
     was_training = flow.training
-    flow.eval()
+    flow.train(False)
     gen = generator(seed, 3)
     parts = []
     for i in range(0, n, _EVAL_CHUNK):
@@ -152,7 +152,7 @@ def fit_target(
             loop.maybe_checkpoint()
         loop.maybe_checkpoint(force=True)
     finally:
-        flow.eval()
+        flow.train(False)
     metrics = evaluate_target(flow, target, ess_samples, seed)
     last = loop.history[-1] if loop.history else {}
     summary = {
