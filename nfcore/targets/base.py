@@ -28,8 +28,8 @@ class Target:
     Example:
         >>> import torch
         >>> t = Target("normal", 2, lambda z: -0.5 * (z * z).sum(-1), log_z=1.8378770664093453)
-        >>> t.log_prob(torch.zeros(3, 2))
-        tensor([0., 0., 0.])
+        >>> t.log_prob(torch.ones(3, 2))
+        tensor([-1., -1., -1.])
     """
 
     def __init__(
