@@ -37,8 +37,13 @@ class Planar(Layer):
     def __init__(self, dim: int, **_):
         super().__init__()
         bound = 1.0 / math.sqrt(dim)
-        self.u = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
-        self.w = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
+        w = torch.empty(dim).uniform_(-bound, bound)
+        # Near-identity start: u_hat = 0 exactly when u = log(e - 1) w / |w|^2 (then m(w.u) = 0).
+        # Deep stacks (K = 32) started from random u_hat begin far from the base and, trained by
+        # reverse KL, collapse onto one mode; from here they do not (benchmarks/paper_6_1.py).
+        u = math.log(math.e - 1.0) * w / (w @ w) + 0.01 * torch.randn(dim)
+        self.u = nn.Parameter(u)
+        self.w = nn.Parameter(w)
         self.b = nn.Parameter(torch.zeros(()))
 
     def _u_hat(self) -> tuple[Tensor, Tensor]:
