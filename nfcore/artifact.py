@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from .errors import ArtifactError, SpecError
 from .flow import Flow
 
-__all__ = ["save", "saves", "load", "loads", "read_metadata", "FORMAT_VERSION"]
+__all__ = ["save", "saves", "load", "loads", "read_metadata", "atomic_write", "FORMAT_VERSION"]
 
 FORMAT_VERSION = "1"
 SPEC_KEY = "nfcore.spec"
@@ -59,9 +59,9 @@ def saves(flow: Flow, *, metadata: Mapping[str, Any] | None = None) -> bytes:
     return st_save(tensors, metadata=meta)
 
 
-def save(flow: Flow, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> str:
-    """Write ``flow`` to ``path`` atomically (temporary file, fsync, rename). Returns the hash."""
-    data = saves(flow, metadata=metadata)
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never a part:
+    a temporary file in the same folder, fsync, rename over ``path``, fsync of the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -79,6 +79,12 @@ def save(flow: Flow, path: str | os.PathLike, *, metadata: Mapping[str, Any] | N
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save(flow: Flow, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> str:
+    """Write ``flow`` to ``path`` atomically (temporary file, fsync, rename). Returns the hash."""
+    data = saves(flow, metadata=metadata)
+    atomic_write(path, data)
     return _header(data)[1][HASH_KEY]
 
 

@@ -16,7 +16,6 @@ import hashlib
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+import nfcore
 from nfcore.spec import LIMITS
 
 from .db import Database, Dataset, new_id
@@ -318,18 +318,6 @@ def parse_upload(data: bytes, *, filename: str | None = None, content_type: str 
 
 
 # ---------------------------------------------------------------------- storage
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_dataset(db: Database, data_dir: str | os.PathLike, parsed: ParsedData, *,
@@ -341,7 +329,7 @@ def save_dataset(db: Database, data_dir: str | os.PathLike, parsed: ParsedData, 
     blob = st_save(tensors, metadata={"format": parsed.format})
     dataset_id = new_id("ds")
     rel = f"datasets/{dataset_id}.safetensors"
-    _atomic_write(Path(data_dir) / rel, blob)
+    nfcore.atomic_write(Path(data_dir) / rel, blob)
     row = Dataset(id=dataset_id, filename=(filename or None) and filename[:256],
                   format=parsed.format, rows=parsed.rows, dim=parsed.dim,
                   context_dim=parsed.context_dim, dtype=str(parsed.x.dtype), bytes=len(blob),

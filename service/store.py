@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -216,7 +215,7 @@ class ModelStore:
         """Write already-validated artifact bytes as the next version (or ``version``)."""
         version, folder = self._claim(name, version)
         try:
-            _atomic_write(folder / ARTIFACT, data)
+            nfcore.atomic_write(folder / ARTIFACT, data)
         except BaseException:
             _remove_empty(folder)
             raise
@@ -234,14 +233,3 @@ def _remove_empty(folder: Path) -> None:
         pass
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

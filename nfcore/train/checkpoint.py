@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from ..artifact import atomic_write
 from ..errors import ArtifactError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "clone_state", "CHECKPOINT_FORMAT"]
@@ -67,19 +67,7 @@ def save_checkpoint(
     for name, t in optim_tensors.items():
         body[name] = t.detach().to("cpu").contiguous().clone()
     meta = {"format": CHECKPOINT_FORMAT, "state": state or {}, "optimizer": optim_meta}
-    data = st_save(body, metadata={_KEY: json.dumps(meta)})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, st_save(body, metadata={_KEY: json.dumps(meta)}))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
