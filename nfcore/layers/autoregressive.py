@@ -63,6 +63,22 @@ class MAF(Autoregressive):
 
     References: Papamakarios, Pavlakou & Murray, "Masked Autoregressive Flow for Density Estimation"
     (2017).
+
+    Arguments:
+        dim: number of features.
+        hidden, activation: the MADE conditioner.
+        scale_bound: bound on |log scale|.
+        context_dim: size of the conditioning vector (0: none).
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import MAF
+        >>> layer = MAF(3, hidden=[8], activation="relu", scale_bound=6.0).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
     """
 
     def __init__(self, dim, *, hidden, activation, scale_bound, context_dim=0):
@@ -74,6 +90,22 @@ class IAF(Autoregressive):
 
     References: Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow"
     (2016).
+
+    Arguments:
+        dim: number of features.
+        hidden, activation: the MADE conditioner.
+        scale_bound: bound on |log scale|.
+        context_dim: size of the conditioning vector (0: none).
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import IAF
+        >>> layer = IAF(3, hidden=[8], activation="relu", scale_bound=6.0).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
     """
 
     def __init__(self, dim, *, hidden, activation, scale_bound, context_dim=0):
@@ -84,6 +116,22 @@ class NSFAutoregressive(Autoregressive):
     """Autoregressive rational-quadratic spline layer (NSF-AR), the identity outside the bound.
 
     References: Durkan, Bekasov, Murray & Papamakarios, "Neural Spline Flows" (2019).
+
+    Arguments:
+        dim: number of features.
+        hidden, activation: the MADE conditioner.
+        bins: spline bins; bound: half-width of the spline's interval.
+        context_dim: size of the conditioning vector (0: none).
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import NSFAutoregressive
+        >>> layer = NSFAutoregressive(3, hidden=[8], activation="relu", bins=4, bound=3.0).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
     """
 
     def __init__(self, dim, *, hidden, activation, bins, bound, context_dim=0):

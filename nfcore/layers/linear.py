@@ -16,6 +16,19 @@ class LULinear(Layer):
     ``U`` upper-triangular with a positive diagonal ``exp(log_diag)``. ``log|det W| = sum(log_diag)``.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions" (2018).
+
+    Arguments:
+        dim: number of features.
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import LULinear
+        >>> layer = LULinear(3).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
     """
 
     def __init__(self, dim: int, **_):
@@ -51,6 +64,19 @@ class ActNorm(Layer):
     so the first batch comes out with zero mean and unit variance (Glow's data-dependent init).
 
     References: Kingma & Dhariwal, "Glow" (2018).
+
+    Arguments:
+        dim: number of features.
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import ActNorm
+        >>> layer = ActNorm(3).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
     """
 
     def __init__(self, dim: int, **_):
@@ -71,7 +97,22 @@ class ActNorm(Layer):
 
 
 class Permute(Layer):
-    """A fixed permutation of the features: ``reverse``, or ``random`` drawn from ``seed``."""
+    """A fixed permutation of the features: ``reverse``, or ``random`` drawn from ``seed``.
+
+    Arguments:
+        dim: number of features.
+        kind: ``reverse`` or ``random``; seed: the seed of a random order.
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import Permute
+        >>> layer = Permute(3, kind="random", seed=1).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
+    """
 
     def __init__(self, dim: int, *, kind: str = "reverse", seed: int = 0, **_):
         super().__init__()
@@ -94,7 +135,21 @@ class Permute(Layer):
 
 class Standardize(Layer):
     """Fixed ``z = (x - loc) / scale``, fitted to the training data by ``Flow.initialize``, so the
-    flow behind it sees standardized data while ``log_prob`` stays in data units."""
+    flow behind it sees standardized data while ``log_prob`` stays in data units.
+
+    Arguments:
+        dim: number of features.
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import Standardize
+        >>> layer = Standardize(3).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
+    """
 
     def __init__(self, dim: int, **_):
         super().__init__()

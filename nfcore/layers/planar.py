@@ -30,6 +30,19 @@ class Planar(Layer):
 
     References: Rezende & Mohamed, "Variational Inference with Normalizing Flows" (2015), §4.1
     and Appendix A.1.
+
+    Arguments:
+        dim: number of features.
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import Planar
+        >>> layer = Planar(3).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
     """
 
     fast_forward = False
@@ -94,6 +107,19 @@ class Radial(Layer):
 
     References: Rezende & Mohamed, "Variational Inference with Normalizing Flows" (2015), §4.1
     and Appendix A.2.
+
+    Arguments:
+        dim: number of features.
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import Radial
+        >>> layer = Radial(3).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
     """
 
     fast_forward = True
