@@ -31,16 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nfcore  # noqa: E402
 from benchmarks._machine import markdown_table, write_result  # noqa: E402
 from nfcore.train.density import split  # noqa: E402
-from nfcore.train.loop import generator  # noqa: E402
-
-
-def lr_at(step: int, steps: int, elapsed: float, max_seconds: float, lr: float) -> float:
-    """The same schedule as ``nfcore.train``: warm-up, then cosine over steps or wall clock."""
-    warmup = min(100, steps // 20)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = min(max(step / steps, elapsed / max_seconds), 1.0)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * p))
+from nfcore.train.loop import generator, learning_rate  # noqa: E402
 
 
 def fit_nfcore(spec: dict, train: np.ndarray, args) -> tuple[nfcore.Flow, dict]:
@@ -78,7 +69,8 @@ def fit_zuko(train: np.ndarray, args) -> tuple[object, torch.Tensor, torch.Tenso
         if i == 0 or perm is None:
             perm = torch.randperm(n, generator=generator(args.seed, 1, epoch))
         loss = -flow().log_prob(x_tr[perm[i * batch : (i + 1) * batch]]).mean()
-        lr = lr_at(step, args.steps, time.monotonic() - start, args.max_seconds, args.lr)
+        lr = learning_rate(step, args.steps, args.lr, elapsed=time.monotonic() - start,
+                           max_seconds=args.max_seconds)
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import select  # noqa: E402
 
 import nfcore  # noqa: E402
+from benchmarks._machine import cpu_model  # noqa: E402
 from service.client import Client  # noqa: E402
 from service.db import Database, Job, ModelRecord  # noqa: E402
 
@@ -48,14 +49,7 @@ RESULT = ROOT / "benchmarks" / "results" / "jobs.md"
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
             f"{platform.python_version()}, torch {torch.__version__}, PostgreSQL and Redis on "
             f"127.0.0.1")

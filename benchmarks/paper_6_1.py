@@ -18,7 +18,6 @@ Writes ``benchmarks/results/paper_6_1.md`` and ``benchmarks/results/paper_6_1.pn
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
@@ -33,20 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nfcore  # noqa: E402
 from benchmarks._machine import RESULTS, markdown_table, write_result  # noqa: E402
 from nfcore.train import beta_schedule, importance_diagnostics  # noqa: E402
+from nfcore.train.loop import learning_rate  # noqa: E402
 
 TARGETS = ["U1", "U2", "U3", "U4"]
 BEST = {"preset": "nsf", "dim": 2, "transforms": 4, "hidden": [64, 64], "bins": 8,
         "standardize": False}
 GOAL_KL, GOAL_SECONDS = 0.02, 60.0
-
-
-def lr_at(step: int, steps: int, elapsed: float, max_seconds: float, lr: float) -> float:
-    """The same schedule as ``nfcore.train``: warm-up, then cosine over steps or wall clock."""
-    warmup = min(100, steps // 20)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = min(max(step / steps, elapsed / max_seconds), 1.0)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 def fit_peer(sample: Callable[[int], tuple[torch.Tensor, torch.Tensor]], params: list,
@@ -56,7 +47,8 @@ def fit_peer(sample: Callable[[int], tuple[torch.Tensor, torch.Tensor]], params:
     beta = beta_schedule(args.anneal_steps)
     start, step = time.monotonic(), 0
     while step < args.steps and time.monotonic() - start < args.max_seconds:
-        lr = lr_at(step, args.steps, time.monotonic() - start, args.max_seconds, args.lr)
+        lr = learning_rate(step, args.steps, args.lr, elapsed=time.monotonic() - start,
+                           max_seconds=args.max_seconds)
         x, log_q = sample(args.batch)
         loss = (log_q - beta(step) * target.log_prob(x)).mean()
         opt.zero_grad(set_to_none=True)

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import nfcore  # noqa: E402
+from benchmarks._machine import cpu_model  # noqa: E402
 from service.client import Client  # noqa: E402
 
 STEP = 65536  # the server's max_batch_rows: in-process runs the same chunks as the batcher
@@ -49,14 +50,7 @@ LOAD_SPECS = {"load_floor": {"dim": 2, "layers": [{"type": "actnorm"}]},
 
 # ---------------------------------------------------------------------------------- helpers
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     u = platform.uname()
     return (f"{cpu}, {os.cpu_count()} cores; {u.system} {u.release} {u.machine}; Python "
             f"{platform.python_version()}; torch {torch.__version__} "

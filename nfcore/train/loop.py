@@ -24,7 +24,7 @@ from ..errors import NFCoreError, TrainingCancelled
 from ..flow import Flow
 from .checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["Progress", "FitResult", "TrainingDiverged", "Loop", "generator", "SCHEDULES"]
+__all__ = ["Progress", "FitResult", "TrainingDiverged", "Loop", "generator", "learning_rate", "SCHEDULES"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 _MAX_BAD_STEPS = 50
@@ -73,6 +73,24 @@ def _positive(name: str, v: Any, *, integer: bool = False, allow_zero: bool = Fa
         what = "integer" if integer else "number"
         raise ValueError(f"Expected {name} to be a {'non-negative' if allow_zero else 'positive'} "
                          f"{what}; got {v!r}")
+
+
+def learning_rate(step: int, total: int, lr: float, *, elapsed: float = 0.0,
+                  max_seconds: float | None = None, schedule: str = "cosine") -> float:
+    """Linear warm-up over ``min(100, total // 20)`` steps, then ``schedule`` over whichever of
+    steps and wall clock is further on. Public so benchmarks give peers the very same recipe."""
+    warmup = min(100, total // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = step / max(total, 1)
+    if max_seconds is not None:
+        p = max(p, elapsed / max_seconds)
+    p = min(p, 1.0)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return lr * (1.0 - p)
+    return lr
 
 
 def check_common(*, batch_size: int, lr: float, schedule: str, clip_grad_norm: float | None,
@@ -130,7 +148,6 @@ class Loop:
         self.progress_every = progress_every_s
         self.params = [p for p in flow.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.warmup = min(100, total // 20)
         self.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -155,18 +172,9 @@ class Loop:
         return self.max_seconds is not None and self.elapsed >= self.max_seconds
 
     def learning_rate(self) -> float:
-        """Linear warm-up, then the schedule over whichever of steps and wall clock is further on."""
-        if self.step < self.warmup:
-            return self.base_lr * (self.step + 1) / self.warmup
-        p = self.step / max(self.total, 1)
-        if self.max_seconds is not None:
-            p = max(p, self.elapsed / self.max_seconds)
-        p = min(p, 1.0)
-        if self.schedule == "cosine":
-            return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * p))
-        if self.schedule == "linear":
-            return self.base_lr * (1.0 - p)
-        return self.base_lr
+        """The learning rate of the current step (see the module-level ``learning_rate``)."""
+        return learning_rate(self.step, self.total, self.base_lr, elapsed=self.elapsed,
+                             max_seconds=self.max_seconds, schedule=self.schedule)
 
     # ------------------------------------------------------------------ one step
     def check_cancel(self) -> None:
