@@ -55,7 +55,11 @@ class Flow(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.state_dict().values())).device
+        for tensor in self.parameters():  # cheap: no state_dict() per call (the batcher asks often)
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
 
     @property
     def fast_log_prob(self) -> bool:

@@ -13,6 +13,7 @@ per dependency per request that cost more than the rest of a small /log_prob req
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -25,7 +26,8 @@ from .settings import Settings
 from .store import ModelStore
 
 __all__ = ["SettingsDep", "StoreDep", "EngineDep", "MetricsDep", "ReadAccess", "WriteAccess",
-           "require_read", "require_write", "read_body", "get_app_settings"]
+           "require_read", "require_write", "read_body", "collect_body", "check_key",
+           "bearer_token", "get_app_settings"]
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -62,13 +64,20 @@ def _matches(key: str, keys: list[str]) -> bool:
     return found
 
 
-def _check(settings: Settings, credentials: HTTPAuthorizationCredentials | None,
-           *, write: bool) -> None:
+def bearer_token(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header (None when absent or another scheme)."""
+    if not authorization:
+        return None
+    scheme, _, key = authorization.partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
+
+
+def check_key(settings: Settings, key: str | None, *, write: bool) -> None:
+    """Raise ``Unauthorized``/``Forbidden`` unless ``key`` has the scope (no-op without keys)."""
     if not settings.auth_enabled:
         return
-    if credentials is None or not credentials.credentials:
+    if not key:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'")
-    key = credentials.credentials
     if _matches(key, settings.api_keys_write):
         return
     if _matches(key, settings.api_keys_read):
@@ -80,21 +89,22 @@ def _check(settings: Settings, credentials: HTTPAuthorizationCredentials | None,
 
 async def require_read(settings: SettingsDep, credentials: CredentialsDep) -> None:
     """Scoring, sampling, listing and downloads: a read or write key."""
-    _check(settings, credentials, write=False)
+    check_key(settings, credentials and credentials.credentials, write=False)
 
 
 async def require_write(settings: SettingsDep, credentials: CredentialsDep) -> None:
     """Uploads and other changes: a write key."""
-    _check(settings, credentials, write=True)
+    check_key(settings, credentials and credentials.credentials, write=True)
 
 
 ReadAccess = Depends(require_read)
 WriteAccess = Depends(require_write)
 
 
-async def read_body(request: Request, limit: int, *, what: str = "Request body") -> bytes:
-    """The whole body, at most ``limit`` bytes; 413 as early as the size is known to be over."""
-    declared = request.headers.get("content-length")
+async def collect_body(chunks: AsyncIterator[bytes], declared: str | None, limit: int, *,
+                       what: str = "Request body") -> bytes:
+    """Join ``chunks`` into at most ``limit`` bytes; 413 as early as the size is known to be over
+    (from the declared ``Content-Length`` before reading, else while streaming)."""
     if declared is not None:
         try:
             size = int(declared)
@@ -102,11 +112,17 @@ async def read_body(request: Request, limit: int, *, what: str = "Request body")
             raise InvalidInput(f"Invalid Content-Length header {declared!r}") from None
         if size > limit:
             raise PayloadTooLarge(f"{what} of {size} bytes is over the limit of {limit} bytes")
-    chunks: list[bytes] = []
+    parts: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
         received += len(chunk)
         if received > limit:
             raise PayloadTooLarge(f"{what} is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def read_body(request: Request, limit: int, *, what: str = "Request body") -> bytes:
+    """The whole body, at most ``limit`` bytes; 413 as early as the size is known to be over."""
+    return await collect_body(request.stream(), request.headers.get("content-length"), limit,
+                              what=what)

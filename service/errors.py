@@ -20,7 +20,7 @@ from .store import InvalidName, ModelNotFound, VersionExists
 __all__ = [
     "ServiceError", "NotFound", "InvalidInput", "PayloadTooLarge", "Conflict", "Overloaded",
     "ModelUnavailable", "Unauthorized", "Forbidden", "status_for", "install_error_handlers",
-    "validation_message", "UnsupportedMediaType",
+    "validation_message", "UnsupportedMediaType", "describe",
 ]
 
 log = logging.getLogger("nfserve")
@@ -107,6 +107,18 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> F
     return FastJSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def describe(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
+    """``(status, detail, headers)`` of the answer to ``exc``; an unexpected error is logged and
+    becomes a 500 that says it is a bug."""
+    status = status_for(exc)
+    if status is None:
+        log.error("Unhandled error", exc_info=exc)
+        return 500, f"Internal server error ({type(exc).__name__}); this is a bug", None
+    if isinstance(exc, ServiceError):
+        return status, exc.detail, exc.headers
+    return status, str(exc), None
+
+
 def validation_message(errors: list[dict]) -> str:
     """One readable line from pydantic's error list ("field: message; …")."""
     parts = []
@@ -124,10 +136,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn every known error into ``{"detail": …}``."""
 
     async def known(request: Request, exc: Exception) -> FastJSONResponse:
-        status = status_for(exc) or 500
-        headers = exc.headers if isinstance(exc, ServiceError) else None
-        detail = exc.detail if isinstance(exc, ServiceError) else str(exc)
-        return _error(status, detail, headers)
+        return _error(*describe(exc))
 
     async def validation(request: Request, exc: RequestValidationError) -> FastJSONResponse:
         return _error(422, validation_message(exc.errors()))

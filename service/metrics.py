@@ -52,6 +52,11 @@ class Metrics:
         self.cache_evictions = Counter("nfserve_model_cache_evictions_total",
                                        "Models evicted from the cache.", registry=r)
 
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its latency (``route`` is the route's template)."""
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route, method).observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -81,6 +86,5 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            method = scope["method"]
-            self.metrics.requests.labels(path, method, str(status)).inc()
-            self.metrics.latency.labels(path, method).observe(time.perf_counter() - start)
+            self.metrics.observe_request(path, scope["method"], status,
+                                         time.perf_counter() - start)

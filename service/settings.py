@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # Inference and batching
     batching: bool = Field(True, description="Coalesce concurrent requests per model.")
     max_batch_rows: int = Field(65536, ge=1, description="Most rows run in one batched forward pass.")
+    fast_path: bool = Field(
+        True, description="Answer POST /log_prob and /sample from a pure-ASGI handler (the same "
+                          "handlers, without FastAPI's per-request routing and dependency work).")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="Longest wait to fill a batch.")
     max_queued_rows: int = Field(4_000_000, ge=1, description="Rows waiting per model before 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of an inference request.")
