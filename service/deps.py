@@ -18,6 +18,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
 from .errors import Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
 from .inference import InferenceEngine
@@ -26,7 +28,7 @@ from .settings import Settings
 from .store import ModelStore
 
 __all__ = ["SettingsDep", "StoreDep", "EngineDep", "MetricsDep", "ReadAccess", "WriteAccess",
-           "require_read", "require_write", "read_body", "collect_body", "check_key",
+           "require_read", "require_write", "read_body", "collect_body", "multipart_file", "check_key",
            "bearer_token", "get_app_settings"]
 
 
@@ -126,3 +128,23 @@ async def read_body(request: Request, limit: int, *, what: str = "Request body")
     """The whole body, at most ``limit`` bytes; 413 as early as the size is known to be over."""
     return await collect_body(request.stream(), request.headers.get("content-length"), limit,
                               what=what)
+
+
+async def multipart_file(request: Request, body: bytes) -> tuple[bytes, str | None, str | None]:
+    """The form field ``file`` of a ``multipart/form-data`` body already read (and size-checked)
+    by ``read_body``: ``(bytes, file name, content type)``; 422 when there is no such file."""
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {k: v for k, v in request.scope.items() if k != "app"}  # parser errors raise, not 400
+    try:
+        form = await Request(scope, receive).form(max_files=1, max_fields=8)
+    except MultiPartException as e:
+        raise InvalidInput(f"Malformed multipart upload: {e.message}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidInput("multipart upload: expected a file in the form field 'file'")
+        return await upload.read(), upload.filename, upload.content_type
+    finally:
+        await form.close()

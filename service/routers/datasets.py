@@ -6,11 +6,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from ..datasets import parse_upload, save_dataset
-from ..deps import ReadAccess, SettingsDep, WriteAccess, read_body
-from ..errors import InvalidInput
+from ..deps import ReadAccess, SettingsDep, WriteAccess, multipart_file, read_body
 from ..jobs import dataset_or_404
 from ..jobs_schemas import DatasetPublic, dataset_public
 from ..schemas import ErrorPublic
@@ -24,20 +22,6 @@ _ERR = {code: {"model": ErrorPublic, "description": text} for code, text in [
     (401, "Missing or invalid API key"), (403, "Key lacks the scope"), (404, "Unknown dataset"),
     (413, "Upload over NFSERVE_MAX_UPLOAD_BYTES"),
     (422, "Malformed file, non-numeric or non-finite values, wrong dtype")]}
-
-
-async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str | None, str | None]:
-    async def receive() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    form = await Request(request.scope, receive).form(max_files=1, max_fields=8)
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InvalidInput("multipart upload: expected a file in the form field 'file'")
-        return await upload.read(), upload.filename, upload.content_type
-    finally:
-        await form.close()
 
 
 @router.post("", status_code=201, response_model=DatasetPublic, dependencies=[WriteAccess],
@@ -57,7 +41,7 @@ async def create_dataset(
     body = await read_body(request, settings.max_upload_bytes, what="Dataset upload")
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        body, part_name, part_type = await _multipart_file(request, body)
+        body, part_name, part_type = await multipart_file(request, body)
         filename, content_type = filename or part_name, part_type or content_type
     parsed = await run_in_threadpool(parse_upload, body, filename=filename,
                                      content_type=content_type, format=format)

@@ -13,7 +13,15 @@ from fastapi.responses import FileResponse
 
 import nfcore
 
-from ..deps import EngineDep, ReadAccess, SettingsDep, StoreDep, WriteAccess, read_body
+from ..deps import (
+    EngineDep,
+    ReadAccess,
+    SettingsDep,
+    StoreDep,
+    WriteAccess,
+    multipart_file,
+    read_body,
+)
 from ..errors import Conflict, InvalidInput, NotFound
 from ..schemas import (
     OCTET_STREAM,
@@ -115,9 +123,13 @@ def read_model_artifact(name: NamePath,
     responses={**_ERR, 409: {"model": ErrorPublic, "description": "That version exists"},
                413: {"model": ErrorPublic, "description": "Over the upload limit"},
                422: {"model": ErrorPublic, "description": "Not a valid nfcore model file"}},
-    openapi_extra={"requestBody": {"required": True, "content": {OCTET_STREAM: {"schema": {
-        "type": "string", "format": "binary",
-        "description": "A model.safetensors written by nfcore.save"}}}}},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        OCTET_STREAM: {"schema": {"type": "string", "format": "binary",
+                                  "description": "A model.safetensors written by nfcore.save"}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"], "properties": {"file": {
+                "type": "string", "format": "binary",
+                "description": "A model.safetensors written by nfcore.save"}}}}}}},
     dependencies=[WriteAccess])
 async def create_model(
     request: Request, store: StoreDep, settings: SettingsDep,
@@ -126,8 +138,11 @@ async def create_model(
     version: Annotated[int | None, Query(ge=1, description="Version to store it as; omitted "
                                          "means the next one. 409 if it exists.")] = None,
 ) -> ModelUploaded:
-    """Upload a model.safetensors (raw body); it is validated exactly like a load."""
+    """Upload a model.safetensors, as the raw body or as the form field ``file`` of a multipart
+    upload (``curl -F file=@model.safetensors``); it is validated exactly like a load."""
     body = await read_body(request, settings.max_upload_bytes, what="Upload")
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        body = (await multipart_file(request, body))[0]
     if not body:
         raise InvalidInput("Upload is empty; send the bytes of a model.safetensors")
 

@@ -172,6 +172,41 @@ def test_upload_rejects_malformed_file(client: Client) -> None:
         client.model("bad")  # nothing was stored
 
 
+def test_multipart_upload_stores_and_serves_the_model(server: Server, client: Client) -> None:
+    """``curl -F file=@model.safetensors``: the form field ``file`` is the model."""
+    torch.manual_seed(6)
+    flow = nfcore.build(TINY)
+    data = nfcore.saves(flow)
+    r = httpx.post(server.url + "/models", params={"name": "formed"},
+                   files={"file": ("model.safetensors", data, "application/octet-stream")})
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == 1
+    assert (server.models_dir / "formed" / "1" / "model.safetensors").read_bytes() == data
+    x = np.array([[0.3, -0.2]])
+    with torch.inference_mode():
+        want = flow.log_prob(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(client.log_prob("formed", x), want, rtol=1e-5)
+
+
+def test_multipart_upload_errors_are_422(server: Server, client: Client) -> None:
+    data = nfcore.saves(nfcore.build(TINY))
+    no_file = httpx.post(server.url + "/models", params={"name": "formless"},
+                         files={"model": ("model.safetensors", data)})
+    assert no_file.status_code == 422
+    assert "form field 'file'" in no_file.json()["detail"]
+    broken = httpx.post(server.url + "/models", params={"name": "formless"}, content=b"--xyz\r\n",
+                        headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert broken.status_code == 422
+    assert broken.json()["detail"].startswith(("Malformed multipart upload",
+                                               "multipart upload: expected a file"))
+    bad_model = httpx.post(server.url + "/models", params={"name": "formless"},
+                           files={"file": ("model.safetensors", data[:-5])})
+    assert bad_model.status_code == 422
+    assert "Malformed model upload" in bad_model.json()["detail"]
+    with pytest.raises(NotFound):
+        client.model("formless")  # nothing was stored
+
+
 def test_upload_rejects_oversized_file(client: Client) -> None:
     with pytest.raises(PayloadTooLarge, match="Upload of 200001 bytes is over the limit"):
         client.upload_model("big", b"\x00" * 200_001)
