@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--transforms", type=int, default=5)
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
     parser.add_argument("--bins", type=int, default=8)
+    parser.add_argument("--mixing", default="lu", choices=["reverse", "random", "lu"],
+                        help="what nfcore's preset puts between transforms (zuko: reversed order)")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--max-seconds", type=float, default=120.0)
     parser.add_argument("--batch", type=int, default=256)
@@ -126,7 +128,7 @@ def main() -> None:
         cut = int(0.8 * len(data))
         train, test = data[order[:cut]], data[order[cut:]]
         spec = {"preset": args.preset, "dim": data.shape[1], "transforms": args.transforms,
-                "hidden": args.hidden, "bins": args.bins}
+                "hidden": args.hidden, "bins": args.bins, "mixing": args.mixing}
         flow, s = fit_nfcore(spec, train, args)
         with torch.no_grad():
             ours = float(flow.log_prob(test).double().mean())
@@ -149,8 +151,9 @@ def main() -> None:
         return
     load_after = os.getloadavg()
     body = f"""Held-out mean log-likelihood in nats (higher is better), data units, 20 % test split
-(seed {args.seed}). nfcore preset `{args.preset}` and zuko `NSF` with the same size: {args.transforms}
-transforms, hidden {args.hidden}, {args.bins} bins. Budget for each: at most {args.steps} steps and
+(seed {args.seed}). nfcore preset `{args.preset}` with `"mixing": "{args.mixing}"` between its
+transforms, and zuko `NSF`, which reverses the feature order between transforms; both with
+{args.transforms} transforms, hidden {args.hidden}, {args.bins} bins. Budget for each: at most {args.steps} steps and
 {args.max_seconds:.0f} s, batch {args.batch}, AdamW lr {args.lr:g}, warm-up then cosine decay, clipping 5,
 validation on 10 % of the training rows with early stopping (patience {args.patience} checks) and best-weight
 restore, {args.threads} torch thread(s). zuko gets the same split, schedule and early stopping

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import SpecError
 
-__all__ = ["normalize_spec", "LAYER_TYPES", "PRESETS", "LIMITS"]
+__all__ = ["normalize_spec", "LAYER_TYPES", "PRESETS", "LIMITS", "MIXINGS"]
 
 #: Bounds that keep a client from asking for an absurd network.
 LIMITS = {"dim": 4096, "context_dim": 4096, "layers": 256, "hidden_width": 4096,
@@ -97,7 +97,13 @@ PRESETS: dict[str, tuple[str, bool]] = {
     "nsf_ar": ("nsf_ar", True),
 }
 _PRESET_KEYS = {"preset": None, "dim": None, "context_dim": None, "dtype": None, "base": None,
-                "transforms": None, "standardize": None}
+                "transforms": None, "standardize": None, "mixing": None}
+
+#: What a preset puts between its repeated layers (``"mixing"``): the reverse order (default), a
+#: fixed random permutation, or a learned ``lu_linear`` (a permutation times a learned LU
+#: factorization, as Durkan et al. 2019 put between their NSF layers: it mixes every feature
+#: into every other, at O(dim^2) per row).
+MIXINGS = ("reverse", "random", "lu")
 
 
 def _check_keys(field: str, obj: Mapping, allowed: set[str]) -> None:
@@ -136,11 +142,16 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     _check_keys("", raw, set(_PRESET_KEYS) | params)
     transforms = _int(1, LIMITS["transforms"])("transforms", raw.get("transforms", 5))
     standardize = _bool("standardize", raw.get("standardize", True))
+    mixing = _choice(*MIXINGS)("mixing", raw.get("mixing", "reverse"))
+    if not permute and "mixing" in raw:
+        raise SpecError("mixing", f"preset {name!r} puts nothing between its layers")
     layer = {"type": kind, **{k: raw[k] for k in params if k in raw}}
     layers: list[dict] = [{"type": "standardize"}] if standardize else []
     for i in range(transforms):
         if permute and i > 0:
-            layers.append({"type": "permute", "kind": "reverse"})
+            layers.append({"lu": {"type": "lu_linear"},
+                           "random": {"type": "permute", "kind": "random", "seed": i},
+                           "reverse": {"type": "permute", "kind": "reverse"}}[mixing])
         layers.append(copy.deepcopy(layer))
     return layers
 

@@ -44,11 +44,15 @@ def preset_spec(preset: str, dim: int = 3, dtype: str = "float64", context_dim: 
 
 
 #: Every layer type alone and every preset, as (id, spec-maker) pairs.
-CASES = [f"layer:{k}" for k in LAYER_TYPES] + [f"preset:{p}" for p in PRESETS]
+CASES = ([f"layer:{k}" for k in LAYER_TYPES] + [f"preset:{p}" for p in PRESETS]
+         + ["mixing:nsf_ar-lu", "mixing:realnvp-random"])  # presets with another "mixing"
 
 
 def case_spec(case: str, **kwargs) -> dict:
     kind, name = case.split(":")
+    if kind == "mixing":
+        preset, mixing = name.split("-")
+        return {**preset_spec(preset, **kwargs), "mixing": mixing}
     return layer_spec(name, **kwargs) if kind == "layer" else preset_spec(name, **kwargs)
 
 

@@ -30,6 +30,22 @@ def test_presets_expand_to_their_layers(preset, layer):
     assert kinds[0] == "standardize"
 
 
+@pytest.mark.parametrize(("mixing", "between"), [
+    ("reverse", {"type": "permute", "kind": "reverse", "seed": 0}),
+    ("random", {"type": "permute", "kind": "random", "seed": 1}),
+    ("lu", {"type": "lu_linear"})])
+def test_preset_mixing_sets_what_goes_between_layers(mixing, between):
+    spec = {"preset": "nsf_ar", "dim": 3, "transforms": 3, "mixing": mixing}
+    layers = nfcore.build(spec).spec["layers"]
+    assert [entry["type"] for entry in layers] == [
+        "standardize", "nsf_ar", between["type"], "nsf_ar", between["type"], "nsf_ar"]
+    assert layers[2] == between
+    if mixing == "random":
+        assert layers[4]["seed"] == 2  # a different permutation each time
+    default = nfcore.build({k: v for k, v in spec.items() if k != "mixing"}).spec
+    assert (default == nfcore.build(spec).spec) == (mixing == "reverse")
+
+
 def test_preset_applies_hyper_parameters_to_each_layer():
     flow = nfcore.build({"preset": "nsf", "dim": 3, "transforms": 2, "hidden": [8, 8], "bins": 4,
                          "bound": 3.0})
@@ -71,6 +87,8 @@ def test_normalized_spec_rebuilds_the_same_architecture():
     ({"preset": "nsf", "dim": 2, "transforms": 0}, "transforms"),
     ({"preset": "nsf", "dim": 2, "standardize": "yes"}, "standardize"),
     ({"preset": "nsf", "dim": 2, "layers": [{"type": "maf"}]}, "layers"),
+    ({"preset": "nsf_ar", "dim": 2, "mixing": "shuffle"}, "mixing"),
+    ({"preset": "planar", "dim": 2, "mixing": "lu"}, "mixing"),
     ({"dim": 2, "layers": [{"type": "maf", "hidden": [10**6]}]}, "layers[0].hidden[0]"),
     ({"dim": 2, "layers": [{"type": "planar"}] * 1000}, "layers"),
     ([1, 2], ""),
