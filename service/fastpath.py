@@ -8,6 +8,9 @@ routes straight from the ASGI scope, with the very handlers the FastAPI routes u
 (``service.routers.inference``): the same parsing, checks, API keys, messages and status codes,
 and the same request metrics. The FastAPI routes stay registered, for ``/docs`` and for
 ``NFSERVE_FAST_PATH=false``; ``NFServeAPI`` puts the fast path in front of the FastAPI app.
+
+Being in front, it also bypasses middleware added to the app (CORS, say) for those two routes:
+a deployment that needs such middleware on them sets ``NFSERVE_FAST_PATH=false``.
 """
 
 from __future__ import annotations
