@@ -43,6 +43,7 @@ import nfcore  # noqa: E402
 from benchmarks._machine import cpu_model  # noqa: E402
 from service.client import Client  # noqa: E402
 from service.db import Database, Job, ModelRecord  # noqa: E402
+from tests.service.jobsupport import two_moons  # noqa: E402  (the tests' toy data)
 
 FLOW = {"preset": "maf", "dim": 2, "transforms": 3, "hidden": [16, 16]}
 RESULT = ROOT / "benchmarks" / "results" / "jobs.md"
@@ -59,15 +60,6 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def two_moons(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = rng.uniform(0, np.pi, n)
-    upper = rng.random(n) < 0.5
-    x = np.where(upper, np.cos(t), 1 - np.cos(t))
-    y = np.where(upper, np.sin(t), 0.5 - np.sin(t))
-    return np.column_stack([x, y]) + 0.05 * rng.standard_normal((n, 2))
 
 
 def free_port() -> int:

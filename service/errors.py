@@ -107,13 +107,17 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> F
     return FastJSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _bug(exc: BaseException) -> str:
+    return f"Internal server error ({type(exc).__name__}); this is a bug"
+
+
 def describe(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
     """``(status, detail, headers)`` of the answer to ``exc``; an unexpected error is logged and
     becomes a 500 that says it is a bug."""
     status = status_for(exc)
     if status is None:
         log.error("Unhandled error", exc_info=exc)
-        return 500, f"Internal server error ({type(exc).__name__}); this is a bug", None
+        return 500, _bug(exc), None
     if isinstance(exc, ServiceError):
         return status, exc.detail, exc.headers
     return status, str(exc), None
@@ -146,7 +150,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def unexpected(request: Request, exc: Exception) -> FastJSONResponse:
         log.exception("Unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, f"Internal server error ({type(exc).__name__}); this is a bug")
+        return _error(500, _bug(exc))
 
     for cls, _ in _STATUS:
         app.add_exception_handler(cls, known)

@@ -8,6 +8,16 @@ PRESETS = sorted(nfcore.PRESETS)
 CONDITIONAL_TYPES = ["affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models on a shared machine: one torch thread is faster and keeps timings steady.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -11,13 +11,7 @@ import nfcore
 from nfcore.errors import TargetError
 from nfcore.targets import LOG_Z, WALL, WALL_WIDTH, Target
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _simpson(n: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:

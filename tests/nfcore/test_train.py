@@ -22,13 +22,7 @@ SPEC = {"preset": "nsf", "dim": 2, "transforms": 2, "hidden": [16, 16], "bins": 
 RESUME_TOLERANCE = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models on a shared machine: one thread is faster and keeps timings steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flow(seed: int = 0, **spec) -> nfcore.Flow:
