@@ -1,14 +1,17 @@
 """Density estimation on real data: held-out mean log-likelihood, nfcore next to zuko's NSF.
 
-For every ``shared/data/*.npy`` set: shuffle (seed 0), fit on 80 % and report the mean
-log-likelihood of the other 20 % in nats, in the data's own units. Both libraries get the same
-protocol and budget: 10 % of the training rows for validation (the same rows), early stopping with
-best-weight restore (``--patience`` checks, default 50), batch 256, AdamW, linear warm-up then cosine decay,
-gradient clipping at 5, at most ``--steps`` steps and ``--max-seconds`` of wall clock. zuko's flow
-sees standardized data and its log-likelihood is corrected by the scale's log-determinant, as
-nfcore's ``standardize`` layer does internally.
+For every ``shared/data/*.npy`` set and each of ``--splits`` random splits (seeds 0, 1, ...):
+shuffle, fit on 80 % and report the mean log-likelihood of the other 20 % in nats, in the data's
+own units. The split's seed also seeds both fits (initialization, validation rows, batch order).
+Both libraries get the same protocol and budget: 10 % of the training rows for validation (the
+same rows), early stopping with best-weight restore (``--patience`` checks, default 50), batch
+256, AdamW, linear warm-up then cosine decay, gradient clipping at 5, at most ``--steps`` steps and
+``--max-seconds`` of wall clock. zuko's flow sees standardized data and its log-likelihood is
+corrected by the scale's log-determinant, as nfcore's ``standardize`` layer does internally.
 
-    python benchmarks/density.py [--data /work/shared/data] [--steps 4000] [--max-seconds 120]
+Fits run in ``--jobs`` worker processes of one torch thread each.
+
+    python benchmarks/density.py [--data /work/shared/data] [--splits 3] [--jobs 2]
 
 Writes ``benchmarks/results/density.md``.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import platform
 import sys
@@ -94,6 +98,33 @@ def fit_zuko(train: np.ndarray, args) -> tuple[object, torch.Tensor, torch.Tenso
     return flow, loc, scale, stats
 
 
+def run_one(task: tuple) -> dict:
+    """Fit one library on one split of one set; return its held-out mean log-likelihood."""
+    path, split_seed, lib, args = task
+    torch.set_num_threads(args.threads)
+    args = argparse.Namespace(**{**vars(args), "seed": split_seed})
+    data = np.load(path).astype(np.float32)
+    order = np.random.default_rng(split_seed).permutation(len(data))
+    cut = int(0.8 * len(data))
+    train, test = data[order[:cut]], data[order[cut:]]
+    if lib == "nfcore":
+        spec = {"preset": args.preset, "dim": data.shape[1], "transforms": args.transforms,
+                "hidden": args.hidden, "bins": args.bins, "mixing": args.mixing}
+        flow, s = fit_nfcore(spec, train, args)
+        with torch.no_grad():
+            ll = float(flow.log_prob(test).double().mean())
+        how = f"{s['steps']} / {s['duration_s']:.0f} s ({s['stopped_reason']})"
+    else:
+        zflow, loc, scale, z = fit_zuko(train, args)
+        with torch.no_grad():
+            t = (torch.as_tensor(test) - loc) / scale
+            ll = float((zflow().log_prob(t) - torch.log(scale).sum()).double().mean())
+        how = f"{z['steps']} / {z['duration_s']:.0f} s"
+    print(f"{path.stem:32s} split {split_seed}  {lib:6s} {ll:9.4f}  ({how})", flush=True)
+    return {"set": path.stem, "shape": data.shape, "split": split_seed, "lib": lib, "ll": ll,
+            "how": how}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,64 +141,74 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--patience", type=int, default=50)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--splits", type=int, default=3, help="random splits, seeds 0..N-1")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # as in the workers, so the header names their threads
     load_before = os.getloadavg()
     started = time.time()
 
     files = sorted(args.data.glob("*.npy"))
     if args.datasets:
         files = [f for f in files if f.stem in args.datasets]
-    rows, wins = [], []
+    tasks = [(path, split_seed, lib, args) for path in files for split_seed in range(args.splits)
+             for lib in ("nfcore", "zuko")]
+    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        results = pool.map(run_one, tasks, chunksize=1)
+    by = {(r["set"], r["split"], r["lib"]): r for r in results}
+
+    summary, detail, wins, split_wins = [], [], [], []
     for path in files:
-        data = np.load(path).astype(np.float32)
-        order = np.random.default_rng(args.seed).permutation(len(data))
-        cut = int(0.8 * len(data))
-        train, test = data[order[:cut]], data[order[cut:]]
-        spec = {"preset": args.preset, "dim": data.shape[1], "transforms": args.transforms,
-                "hidden": args.hidden, "bins": args.bins, "mixing": args.mixing}
-        flow, s = fit_nfcore(spec, train, args)
-        with torch.no_grad():
-            ours = float(flow.log_prob(test).double().mean())
-        zflow, loc, scale, z = fit_zuko(train, args)
-        with torch.no_grad():
-            t = (torch.as_tensor(test) - loc) / scale
-            theirs = float((zflow().log_prob(t) - torch.log(scale).sum()).double().mean())
-        wins.append(ours >= theirs)
-        print(f"{path.stem:32s} {data.shape}  nfcore {ours:9.4f} ({s['steps']} steps, "
-              f"{s['duration_s']:.0f} s, {s['stopped_reason']})   zuko {theirs:9.4f} "
-              f"({z['steps']} steps, {z['duration_s']:.0f} s)", flush=True)
-        rows.append([path.stem, f"{data.shape[0]} × {data.shape[1]}", f"{ours:.4f}",
-                     f"{theirs:.4f}", f"{ours - theirs:+.4f}",
-                     f"{s['steps']} / {s['duration_s']:.0f} s ({s['stopped_reason']})",
-                     f"{z['steps']} / {z['duration_s']:.0f} s"])
-    verdict = ("nfcore's held-out log-likelihood is at least zuko's on every set"
-               if all(wins) else f"nfcore is at least zuko on {sum(wins)} of {len(wins)} sets")
+        ours = np.array([by[path.stem, k, "nfcore"]["ll"] for k in range(args.splits)])
+        theirs = np.array([by[path.stem, k, "zuko"]["ll"] for k in range(args.splits)])
+        diff = ours - theirs
+        wins.append(ours.mean() >= theirs.mean())
+        split_wins.append(int((diff >= 0).sum()))
+        shape = by[path.stem, 0, "nfcore"]["shape"]
+        spread = (lambda a: f" ± {a.std(ddof=1):.4f}") if args.splits > 1 else (lambda a: "")
+        summary.append([path.stem, f"{shape[0]} × {shape[1]}", f"{ours.mean():.4f}{spread(ours)}",
+                        f"{theirs.mean():.4f}{spread(theirs)}", f"{diff.mean():+.4f}",
+                        f"{split_wins[-1]} of {args.splits}"])
+        for k in range(args.splits):
+            a, b = by[path.stem, k, "nfcore"], by[path.stem, k, "zuko"]
+            detail.append([path.stem, k, f"{a['ll']:.4f}", f"{b['ll']:.4f}",
+                           f"{a['ll'] - b['ll']:+.4f}", a["how"], b["how"]])
+    verdict = ("nfcore's mean held-out log-likelihood is at least zuko's on every set"
+               if all(wins) else
+               f"nfcore's mean is at least zuko's on {sum(wins)} of {len(wins)} sets")
+    verdict += (f"; nfcore is at least zuko on {sum(split_wins)} of "
+                f"{len(files) * args.splits} (set, split) pairs")
     print(verdict)
     if args.no_write or args.datasets:
         return
     load_after = os.getloadavg()
-    body = f"""Held-out mean log-likelihood in nats (higher is better), data units, 20 % test split
-(seed {args.seed}). nfcore preset `{args.preset}` with `"mixing": "{args.mixing}"` between its
-transforms, and zuko `NSF`, which reverses the feature order between transforms; both with
-{args.transforms} transforms, hidden {args.hidden}, {args.bins} bins. Budget for each: at most {args.steps} steps and
-{args.max_seconds:.0f} s, batch {args.batch}, AdamW lr {args.lr:g}, warm-up then cosine decay, clipping 5,
-validation on 10 % of the training rows with early stopping (patience {args.patience} checks) and best-weight
-restore, {args.threads} torch thread(s). zuko gets the same split, schedule and early stopping
-written out in plain torch, on standardized data (its log-likelihood corrected by the
-standardization's log-determinant).
+    body = f"""Held-out mean log-likelihood in nats (higher is better), data units, 20 % test split,
+over {args.splits} random splits (seeds 0 to {args.splits - 1}; mean ± standard deviation across
+splits). nfcore preset `{args.preset}` with `"mixing": "{args.mixing}"` between its transforms, and
+zuko `NSF`, which reverses the feature order between transforms; both with {args.transforms}
+transforms, hidden {args.hidden}, {args.bins} bins. Budget for each fit: at most {args.steps} steps
+and {args.max_seconds:.0f} s, batch {args.batch}, AdamW lr {args.lr:g}, warm-up then cosine decay,
+clipping 5, validation on 10 % of the training rows with early stopping (patience {args.patience}
+checks) and best-weight restore. Each split's seed also seeds both fits. zuko gets the same split,
+schedule and early stopping written out in plain torch, on standardized data (its log-likelihood
+corrected by the standardization's log-determinant). {args.jobs} worker processes of
+{args.threads} torch thread(s) each.
 
 `uname -a`: `{' '.join(platform.uname())}`. Load average before / after:
-{load_before[0]:.2f} / {load_after[0]:.2f} on 2 cores (shared with other engineers' jobs, so wall
-times are inflated). Total run time {time.time() - started:.0f} s.
+{load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cores. Total run time
+{time.time() - started:.0f} s.
 
 **{verdict}.**
 
-{markdown_table(["data set", "rows × dim", "nfcore", "zuko NSF", "nfcore − zuko",
-                 "nfcore steps / time", "zuko steps / time"], rows)}
+{markdown_table(["data set", "rows × dim", "nfcore", "zuko NSF", "nfcore − zuko (mean)",
+                 "splits where nfcore ≥ zuko"], summary)}
+
+Each split:
+
+{markdown_table(["data set", "split", "nfcore", "zuko NSF", "nfcore − zuko",
+                 "nfcore steps / time", "zuko steps / time"], detail)}
 """
     cmd = "python benchmarks/density.py " + " ".join(sys.argv[1:])
     print(write_result("density", "Density estimation: held-out log-likelihood, nfcore vs zuko",

@@ -77,7 +77,7 @@ LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
     "iaf": _AFFINE,
     "nsf_coupling": _SPLINE,
     "nsf_ar": _SPLINE,
-    "lu_linear": {},
+    "lu_linear": {"permutation": ("random", _choice("random", "reverse"))},
     "actnorm": {},
     "permute": {"kind": ("reverse", _choice("reverse", "random")),
                 "seed": (0, _int(0, 2**31 - 1))},
@@ -102,7 +102,8 @@ _PRESET_KEYS = {"preset": None, "dim": None, "context_dim": None, "dtype": None,
 #: What a preset puts between its repeated layers (``"mixing"``): the reverse order (default), a
 #: fixed random permutation, or a learned ``lu_linear`` (a permutation times a learned LU
 #: factorization, as Durkan et al. 2019 put between their NSF layers: it mixes every feature
-#: into every other, at O(dim^2) per row).
+#: into every other, at O(dim^2) per row). Its permutation is random, as theirs, except in two
+#: dimensions, where it is the reverse order so that the order alternates between layers.
 MIXINGS = ("reverse", "random", "lu")
 
 
@@ -146,10 +147,13 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     if not permute and "mixing" in raw:
         raise SpecError("mixing", f"preset {name!r} puts nothing between its layers")
     layer = {"type": kind, **{k: raw[k] for k in params if k in raw}}
+    # In two dimensions a random order is the identity half the time, and two autoregressive
+    # layers in a row would then see the features in the same order: take the reverse there.
+    lu = {"type": "lu_linear", "permutation": "reverse" if raw["dim"] == 2 else "random"}
     layers: list[dict] = [{"type": "standardize"}] if standardize else []
     for i in range(transforms):
         if permute and i > 0:
-            layers.append({"lu": {"type": "lu_linear"},
+            layers.append({"lu": lu,
                            "random": {"type": "permute", "kind": "random", "seed": i},
                            "reverse": {"type": "permute", "kind": "reverse"}}[mixing])
         layers.append(copy.deepcopy(layer))

@@ -15,10 +15,17 @@ class LULinear(Layer):
     """``z = W x + bias`` with ``W = P L U``: ``P`` a fixed permutation, ``L`` unit lower-triangular,
     ``U`` upper-triangular with a positive diagonal ``exp(log_diag)``. ``log|det W| = sum(log_diag)``.
 
+    ``L`` and ``U`` start at the identity, so the layer starts as ``P``: the reverse order or a
+    random one. Training can shear and scale through ``L U`` but never swap features (``det(L U)``
+    stays positive), so ``P`` settles whether the feature order alternates between the
+    autoregressive layers around it. ``reverse`` makes it alternate; in two dimensions a random
+    ``P`` leaves the order as it was with probability 1/2.
+
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions" (2018).
 
     Arguments:
         dim: number of features.
+        permutation: ``random`` (drawn from torch's global generator) or ``reverse``.
 
     Example:
         >>> import torch
@@ -31,9 +38,10 @@ class LULinear(Layer):
         True
     """
 
-    def __init__(self, dim: int, **_):
+    def __init__(self, dim: int, *, permutation: str = "random", **_):
         super().__init__()
-        self.register_buffer("perm", torch.randperm(dim))
+        perm = torch.arange(dim - 1, -1, -1) if permutation == "reverse" else torch.randperm(dim)
+        self.register_buffer("perm", perm)
         self.lower = nn.Parameter(torch.zeros(dim, dim))
         self.upper = nn.Parameter(torch.zeros(dim, dim))
         self.log_diag = nn.Parameter(torch.zeros(dim))

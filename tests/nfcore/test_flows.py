@@ -228,6 +228,22 @@ def test_spline_is_identity_outside_its_bound():
     assert torch.equal(ladj, torch.zeros(3, dtype=torch.float64))
 
 
+def test_lu_linear_starts_as_its_permutation():
+    x = _points(5, 3)
+    reverse = nfcore.build({"dim": 3, "dtype": "float64",
+                            "layers": [{"type": "lu_linear", "permutation": "reverse"}]})
+    z, ladj = reverse.transform(x)
+    assert torch.equal(z, x.flip(-1)) and torch.equal(ladj, torch.zeros(5, dtype=torch.float64))
+    orders = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        flow = nfcore.build({"dim": 3, "dtype": "float64", "layers": [{"type": "lu_linear"}]})
+        z, _ = flow.transform(x)
+        order = tuple(int((x == z[:, [j]]).all(0).nonzero()) for j in range(3))
+        orders.add(order)
+    assert len(orders) > 2  # "random" (the default) draws different orders
+
+
 def test_fast_paths_are_declared():
     maf = nfcore.build({"preset": "maf", "dim": 3})
     iaf = nfcore.build({"preset": "iaf", "dim": 3})

@@ -1,6 +1,7 @@
 """build(spec) accepts the contract's shapes and rejects everything else with a field-named error."""
 
 import pytest
+import torch
 
 import nfcore
 from nfcore import SpecError
@@ -33,7 +34,7 @@ def test_presets_expand_to_their_layers(preset, layer):
 @pytest.mark.parametrize(("mixing", "between"), [
     ("reverse", {"type": "permute", "kind": "reverse", "seed": 0}),
     ("random", {"type": "permute", "kind": "random", "seed": 1}),
-    ("lu", {"type": "lu_linear"})])
+    ("lu", {"type": "lu_linear", "permutation": "random"})])
 def test_preset_mixing_sets_what_goes_between_layers(mixing, between):
     spec = {"preset": "nsf_ar", "dim": 3, "transforms": 3, "mixing": mixing}
     layers = nfcore.build(spec).spec["layers"]
@@ -44,6 +45,19 @@ def test_preset_mixing_sets_what_goes_between_layers(mixing, between):
         assert layers[4]["seed"] == 2  # a different permutation each time
     default = nfcore.build({k: v for k, v in spec.items() if k != "mixing"}).spec
     assert (default == nfcore.build(spec).spec) == (mixing == "reverse")
+
+
+def test_lu_mixing_alternates_the_order_in_two_dimensions():
+    # A random order of two features is the identity half the time; the preset takes the reverse.
+    for seed in range(4):
+        torch.manual_seed(seed)
+        flow = nfcore.build({"preset": "nsf_ar", "dim": 2, "transforms": 3, "mixing": "lu"})
+        mixers = [layer for entry, layer in zip(flow.spec["layers"], flow.layers, strict=True)
+                  if entry["type"] == "lu_linear"]
+        assert [entry["permutation"] for entry in flow.spec["layers"]
+                if entry["type"] == "lu_linear"] == ["reverse", "reverse"]
+        x = torch.tensor([[1.0, 2.0]])
+        assert all(torch.equal(layer(x)[0], x.flip(-1)) for layer in mixers)
 
 
 def test_preset_applies_hyper_parameters_to_each_layer():
@@ -89,6 +103,8 @@ def test_normalized_spec_rebuilds_the_same_architecture():
     ({"preset": "nsf", "dim": 2, "layers": [{"type": "maf"}]}, "layers"),
     ({"preset": "nsf_ar", "dim": 2, "mixing": "shuffle"}, "mixing"),
     ({"preset": "planar", "dim": 2, "mixing": "lu"}, "mixing"),
+    ({"dim": 2, "layers": [{"type": "lu_linear", "permutation": "cyclic"}]},
+     "layers[0].permutation"),
     ({"dim": 2, "layers": [{"type": "maf", "hidden": [10**6]}]}, "layers[0].hidden[0]"),
     ({"dim": 2, "layers": [{"type": "planar"}] * 1000}, "layers"),
     ([1, 2], ""),
