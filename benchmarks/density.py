@@ -98,6 +98,11 @@ def fit_zuko(train: np.ndarray, args) -> tuple[object, torch.Tensor, torch.Tenso
     return flow, loc, scale, stats
 
 
+def _mean_sd(values: np.ndarray) -> str:
+    """``mean ± sd`` over the splits (the mean alone for one split)."""
+    return f"{values.mean():.4f}" + (f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else "")
+
+
 def run_one(task: tuple) -> dict:
     """Fit one library on one split of one set; return its held-out mean log-likelihood."""
     path, split_seed, lib, args = task
@@ -167,10 +172,8 @@ def main() -> None:
         wins.append(ours.mean() >= theirs.mean())
         split_wins.append(int((diff >= 0).sum()))
         shape = by[path.stem, 0, "nfcore"]["shape"]
-        spread = (lambda a: f" ± {a.std(ddof=1):.4f}") if args.splits > 1 else (lambda a: "")
-        summary.append([path.stem, f"{shape[0]} × {shape[1]}", f"{ours.mean():.4f}{spread(ours)}",
-                        f"{theirs.mean():.4f}{spread(theirs)}", f"{diff.mean():+.4f}",
-                        f"{split_wins[-1]} of {args.splits}"])
+        summary.append([path.stem, f"{shape[0]} × {shape[1]}", _mean_sd(ours), _mean_sd(theirs),
+                        f"{diff.mean():+.4f}", f"{split_wins[-1]} of {args.splits}"])
         for k in range(args.splits):
             a, b = by[path.stem, k, "nfcore"], by[path.stem, k, "zuko"]
             detail.append([path.stem, k, f"{a['ll']:.4f}", f"{b['ll']:.4f}",
