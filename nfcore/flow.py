@@ -143,14 +143,18 @@ class Flow(nn.Module):
         return self.sample_and_log_prob(n, context=context, generator=generator)[0]
 
     @torch.no_grad()
-    def initialize(self, x: Any, context: Any = None) -> Flow:
+    def initialize(self, x: Any, context: Any = None, *, knots: bool = True) -> Flow:
         """Fit the data-dependent layers (``standardize``, ``actnorm``) to the data ``x``, in order,
-        each on the output of the layers before it."""
+        each on the output of the layers before it. With ``knots``, also set each spline layer's
+        knots so that it maps the marginals of its own input close to a standard normal (a
+        starting point for training; it overwrites what training had learned there)."""
         h = self._points(x)
         ctx = self._context(context, h.shape[0])
         for layer in self.layers:
             if hasattr(layer, "initialize"):
                 layer.initialize(h)
+            if knots and hasattr(layer, "initialize_knots"):
+                layer.initialize_knots(h, ctx)
             h, _ = layer(h, ctx)
         return self
 

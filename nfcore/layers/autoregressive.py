@@ -136,3 +136,12 @@ class NSFAutoregressive(Autoregressive):
 
     def __init__(self, dim, *, hidden, activation, bins, bound, context_dim=0):
         super().__init__(dim, RationalQuadratic(bins, bound), hidden, activation, context_dim, False)
+
+    def initialize_knots(self, x: Tensor, context: Tensor | None = None) -> None:
+        """Set the conditioner's output bias so that, before any training, each feature's spline
+        maps its marginal in ``x`` towards a standard normal (see
+        ``RationalQuadratic.marginal_params``); the conditioner's weights then learn how the
+        splines depend on the features before it."""
+        bias = self.made.net[-1].bias
+        offset = self.made(x, context) - bias.view(self.dim, -1)
+        bias.copy_(self.elementwise.marginal_params(x, offset).reshape(-1))

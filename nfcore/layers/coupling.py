@@ -89,3 +89,12 @@ class NSFCoupling(Coupling):
 
     def __init__(self, dim, *, hidden, activation, bins, bound, context_dim=0):
         super().__init__(dim, RationalQuadratic(bins, bound), hidden, activation, context_dim)
+
+    def initialize_knots(self, x: Tensor, context: Tensor | None = None) -> None:
+        """Set the conditioner's output bias so that, before any training, each transformed
+        feature's spline maps its marginal in ``x`` towards a standard normal (see
+        ``RationalQuadratic.marginal_params``)."""
+        bias = self.net[-1].bias
+        b = x[..., self.split :]
+        offset = self._params(x[..., : self.split], context) - bias.view(b.shape[-1], -1)
+        bias.copy_(self.elementwise.marginal_params(b, offset).reshape(-1))

@@ -36,6 +36,10 @@ class Affine:
 _DERIVATIVE_SHIFT = math.log(math.e - 1.0)  # softplus(0 + shift) == 1: zero params give the identity
 
 
+def _normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
 class RationalQuadratic:
     """Monotone rational-quadratic spline on ``[-bound, bound]``, the identity outside (Durkan 2019).
 
@@ -64,6 +68,61 @@ class RationalQuadratic:
         size = torch.addcmul(torch.full_like(scale, minimum), e, scale)
         right = torch.cumsum(size, dim=-1)
         return size, right, right - size
+
+    def marginal_params(self, v: Tensor, offset: Tensor | None = None,
+                        mixes: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.7, 1.0)) -> Tensor:
+        """Raw parameters, shape ``(F, 3 * bins - 1)``, of one spline per column of ``v`` (shape
+        ``(N, F)``) that maps the column's values towards a standard normal: a data-dependent
+        initialization for splines, as ActNorm's is for affine maps. ``offset`` (shape
+        ``(N, F, P)``, default zero) is what a conditioner adds to these parameters for each row.
+
+        The inner knots' outputs stay evenly spread over ``[-bound, bound]``; each knot's input is the
+        quantile, at the standard normal's probability of that output, of the column's empirical
+        distribution with a fraction ``mix`` of a standard normal mixed in, so that a gap between
+        modes or a tail with few points still gets bins of a sane width. The derivative at an inner
+        knot is the harmonic mean of the slopes of the bins on either side (Fritsch & Butland 1984),
+        which keeps it between them. ``mix = 1`` gives the identity. For each column, the mix among
+        ``mixes`` under which the column is likeliest (its log-density through the spline, offset
+        included, under a standard normal) wins, so that with a zero offset the marginal is never
+        fitted worse than by the identity.
+        """
+        x = v.detach().to(torch.float64)
+        candidates = torch.stack([self._knots_at(x, mix) for mix in mixes])  # (M, F, P)
+        stride = max(1, x.shape[0] // 20_000)  # scoring a subset is plenty and bounds the cost
+        rows = x[::stride]
+        extra = (torch.zeros_like(candidates[0]).expand(rows.shape[0], -1, -1) if offset is None
+                 else offset.detach()[::stride].to(torch.float64))
+        scores = []
+        for raw in candidates:
+            z, ladj = self(rows, raw + extra, inverse=False)
+            scores.append((ladj - 0.5 * z * z).mean(0))
+        best = torch.stack(scores).argmax(0)  # (F,)
+        return candidates[best, torch.arange(x.shape[1], device=x.device)]
+
+    def _knots_at(self, x: Tensor, mix: float) -> Tensor:
+        """``marginal_params`` for one ``mix``; ``x`` is float64."""
+        k, bound = self.bins, self.bound
+        n, f = x.shape
+        y = torch.linspace(-bound, bound, k + 1, dtype=torch.float64, device=x.device)[1:-1]
+        target = _normal_cdf(y).expand(f, k - 1)
+        columns = x.T.sort(dim=-1).values.contiguous()
+        lo = torch.full_like(target, -bound)
+        hi = torch.full_like(target, bound)
+        for _ in range(50):  # bisection on the smoothed CDF: 2 bound / 2**50 is below float64's eps
+            mid = (lo + hi) / 2
+            empirical = torch.searchsorted(columns, mid, right=True).to(torch.float64) / n
+            below = (1.0 - mix) * empirical + mix * _normal_cdf(mid) < target
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        edges = torch.cat([torch.full_like(lo[:, :1], -bound), (lo + hi) / 2,
+                           torch.full_like(lo[:, :1], bound)], dim=-1)
+        widths = (edges.diff(dim=-1) / (2.0 * bound)).clamp(min=3.0 * self.min_width)
+        widths = widths / widths.sum(-1, keepdim=True)
+        slopes = 1.0 / (k * widths)
+        knot_slopes = 2.0 * slopes[:, :-1] * slopes[:, 1:] / (slopes[:, :-1] + slopes[:, 1:])
+        raw_w = torch.log(widths - self.min_width)  # inverts ``_bins`` (softmax up to a constant)
+        raw_h = torch.zeros_like(widths)  # even heights
+        raw_d = torch.log(torch.expm1((knot_slopes - self.min_derivative).clamp(min=1e-6)))
+        return torch.cat([raw_w, raw_h, raw_d - _DERIVATIVE_SHIFT], dim=-1)
 
     def __call__(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         k, bound = self.bins, self.bound

@@ -88,17 +88,21 @@ def fit_density(
     checkpoint_path: str | None = None,
     checkpoint_every_s: float = 5.0,
     resume: bool = True,
+    init_knots: bool = True,
 ) -> FitResult:
     """Fit ``flow`` to ``data`` (shape ``(N, dim)``) by maximum likelihood, in place.
 
     The data are split (by ``seed``) into training and validation rows; ``flow.initialize`` fits the
-    ``standardize``/``actnorm`` layers to the training rows first, so ``log_prob`` stays in data units.
+    ``standardize``/``actnorm`` layers to the training rows first, so ``log_prob`` stays in data units,
+    and (with ``init_knots``) starts each spline layer from knots that map the marginals of its
+    input close to a standard normal.
     The validation loss is computed every ``validate_every`` steps (default: once per epoch, but
     every 20 to 100 steps); after ``patience`` checks without improvement training stops, and the best
     weights are restored at the end. With ``validation_fraction=0`` there is no early stopping.
 
     Arguments:
-        flow: the flow to train (its current weights are the starting point).
+        flow: the flow to train (its current weights are the starting point, but for the layers
+            that ``flow.initialize`` sets from the data).
         data: array-like of shape ``(N, dim)``.
         context: array-like of shape ``(N, context_dim)`` for a conditional flow.
         steps, epochs: the budget (at most one; default 2000 steps).
@@ -112,6 +116,8 @@ def fit_density(
             raised and nothing is written.
         checkpoint_path: a ``.safetensors`` file written atomically every ``checkpoint_every_s``
             seconds and at the end; with ``resume=True`` an existing one is continued.
+        init_knots: set the spline layers' knots from the data before training (see
+            ``Flow.initialize``); False keeps the flow's own, e.g. to go on from a trained flow.
 
     Returns:
         A ``FitResult``; ``summary["val_loss"]`` is the best validation mean negative log-likelihood.
@@ -170,7 +176,7 @@ def fit_density(
             raise ValueError(f"Expected steps to be a positive integer; got {steps!r}")
     every = validate_every or min(max(per_epoch, 20), 100)
 
-    flow.initialize(x_train, c_train)
+    flow.initialize(x_train, c_train, knots=init_knots)
     loop = Loop(flow, total=total, lr=lr, weight_decay=weight_decay, schedule=schedule,
                 clip_grad_norm=clip_grad_norm, max_seconds=max_seconds, callback=callback,
                 should_stop=should_stop, checkpoint_path=checkpoint_path,
@@ -179,7 +185,7 @@ def fit_density(
                              "total": total, "batch": batch, "lr": lr, "wd": weight_decay,
                              "schedule": schedule, "clip": clip_grad_norm, "val": n_val,
                              "every": every, "patience": patience, "seed": seed,
-                             "max_seconds": max_seconds})
+                             "max_seconds": max_seconds, "init_knots": init_knots})
     extra = loop.extra
     extra.setdefault("best_val", None)
     extra.setdefault("best_step", 0)

@@ -251,3 +251,75 @@ def test_fast_paths_are_declared():
     assert maf.fast_log_prob and not maf.fast_sample
     assert iaf.fast_sample and not iaf.fast_log_prob
     assert nsf.fast_sample and nsf.fast_log_prob
+
+
+def _spline_on(column: torch.Tensor, bins: int = 8, bound: float = 5.0):
+    """The element-wise spline whose knots ``marginal_params`` sets from ``column`` (N, 1)."""
+    from nfcore.layers.elementwise import RationalQuadratic
+
+    rq = RationalQuadratic(bins, bound)
+    params = rq.marginal_params(column)
+    assert params.shape == (1, 3 * bins - 1) and torch.isfinite(params).all()
+    return lambda v, inverse=False: rq(v, params.expand(v.shape[0], 1, -1), inverse)
+
+
+def test_knots_set_from_standard_normal_data_give_nearly_the_identity():
+    spline = _spline_on(_points(20_000, 1, seed=3, scale=1.0))
+    grid = torch.linspace(-2.5, 2.5, 51, dtype=torch.float64)[:, None]
+    z, ladj = spline(grid)
+    assert (z - grid).abs().max() < 0.1
+    assert ladj.abs().max() < 0.2
+
+
+@pytest.mark.parametrize("shape", ["two_clusters", "skewed"])
+def test_knots_set_from_data_map_its_marginal_close_to_a_standard_normal(shape):
+    g = torch.Generator().manual_seed(4)
+    if shape == "two_clusters":  # two narrow modes with a gap between them
+        column = 0.05 * torch.randn(20_000, 1, generator=g, dtype=torch.float64)
+        column[::2] -= 1.0
+        column[1::2] += 1.0
+    else:
+        column = 0.3 * torch.empty(20_000, 1, dtype=torch.float64).exponential_(generator=g)
+    spline = _spline_on(column)
+    z, _ = spline(column)
+    quartiles = torch.quantile(z[:, 0], torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    assert quartiles[1].abs() < 0.1
+    assert 0.5 < quartiles[2] - quartiles[0] < 2.5  # a standard normal's: 1.35; the data's: < 0.5
+    assert 0.8 < z.std() < 1.25
+    back, _ = spline(z, inverse=True)
+    assert torch.allclose(back, column, atol=1e-9)
+
+
+def test_knots_from_a_constant_column_are_finite():
+    spline = _spline_on(torch.full((100, 1), 0.25, dtype=torch.float64))
+    z, ladj = spline(torch.linspace(-6, 6, 25, dtype=torch.float64)[:, None])
+    assert torch.isfinite(z).all() and torch.isfinite(ladj).all()
+
+
+@pytest.mark.parametrize("preset", ["nsf_ar", "nsf"])
+def test_initialize_sets_spline_knots_from_the_data_only_when_asked(preset):
+    g = torch.Generator().manual_seed(5)
+    data = 0.05 * torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    data[::2] += torch.tensor([1.0, 1.0], dtype=torch.float64)
+    data[1::2] -= torch.tensor([1.0, 1.0], dtype=torch.float64)
+    spec = {"preset": preset, "dim": 2, "transforms": 3, "hidden": [16], "dtype": "float64"}
+    flows = {}
+    for knots in (False, True):
+        torch.manual_seed(0)
+        flows[knots] = nfcore.build(spec).initialize(data, knots=knots)
+    plain, knotted = (flows[k].state_dict() for k in (False, True))
+    changed = {k for k in plain if not torch.equal(plain[k], knotted[k])}
+    # Only the output bias of each of the three spline layers' conditioners (hidden [16]: net.2).
+    assert len(changed) == 3 and all(k.endswith("net.2.bias") for k in changed)
+    flow = flows[True]
+    with torch.no_grad():
+        gain = (flow.log_prob(data) - flows[False].log_prob(data)).mean()
+        x = data[:64]
+        z, ladj = flow.transform(x)
+        back, log_q = flow.sample_from_noise(z)
+    assert gain > 0.2  # nats per point, before any training (0 without the knots)
+    assert torch.allclose(back, x, atol=1e-8, rtol=0)
+    assert torch.allclose(log_q, flow.base_log_prob(z) + ladj, atol=1e-8, rtol=0)
+    for point in x[:3]:
+        expected = torch.linalg.slogdet(jacobian(lambda v: flow.transform(v[None])[0][0], point))[1]
+        assert abs(flow.transform(point[None])[1].item() - expected.item()) < 1e-6

@@ -73,6 +73,21 @@ def test_fit_density_learns_in_data_units_and_fits_standardize_first():
     assert result.history[0]["loss"] > result.history[-1]["loss"]
 
 
+def test_fit_density_sets_spline_knots_from_the_data_unless_told_not_to():
+    rng = np.random.default_rng(3)
+    data = rng.normal(scale=0.05, size=(600, 2)) + rng.choice([-1.0, 1.0], size=(600, 1))
+    moved, first = {}, {}
+    for init_knots in (True, False):
+        flow = _flow(bins=8)  # with SPEC's 4 bins, too coarse to resolve two modes
+        spline = next(m for m in flow.layers if hasattr(m, "initialize_knots"))
+        before = spline.net[-1].bias.detach().clone()
+        result = nfcore.fit_density(flow, data, steps=1, lr=1e-7, seed=0, init_knots=init_knots)
+        moved[init_knots] = float((spline.net[-1].bias - before).abs().max())
+        first[init_knots] = result.history[0]["loss"]
+    assert moved[True] > 0.1 and moved[False] < 1e-5
+    assert first[True] < first[False] - 0.2  # the first step's loss, before any learning
+
+
 def test_best_weights_are_restored_after_early_stopping():
     data = _data(40)
     flow = _flow(hidden=[64, 64])
