@@ -8,6 +8,8 @@ same rows), early stopping with best-weight restore (``--patience`` checks, defa
 256, AdamW, linear warm-up then cosine decay, gradient clipping at 5, at most ``--steps`` steps and
 ``--max-seconds`` of wall clock. zuko's flow sees standardized data and its log-likelihood is
 corrected by the scale's log-determinant, as nfcore's ``standardize`` layer does internally.
+nfcore's ``fit_density`` also sets its spline layers' knots from the training data before the first
+step (``Flow.initialize``); ``--no-init-knots`` turns that off, to measure what it brings.
 
 Fits run in ``--jobs`` worker processes of one torch thread each.
 
@@ -43,7 +45,7 @@ def fit_nfcore(spec: dict, train: np.ndarray, args) -> tuple[nfcore.Flow, dict]:
     flow = nfcore.build(spec)
     result = nfcore.fit_density(flow, train, steps=args.steps, batch_size=args.batch, lr=args.lr,
                                 max_seconds=args.max_seconds, seed=args.seed,
-                                patience=args.patience)
+                                patience=args.patience, init_knots=args.init_knots)
     return flow, result.summary
 
 
@@ -149,6 +151,8 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=3, help="random splits, seeds 0..N-1")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--no-init-knots", dest="init_knots", action="store_false",
+                        help="start nfcore's splines from their random knots, not the data's")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # as in the workers, so the header names their threads
@@ -184,7 +188,7 @@ def main() -> None:
     verdict += (f"; nfcore is at least zuko on {sum(split_wins)} of "
                 f"{len(files) * args.splits} (set, split) pairs")
     print(verdict)
-    if args.no_write or args.datasets:
+    if args.no_write or args.datasets or not args.init_knots:
         return
     load_after = os.getloadavg()
     body = f"""Held-out mean log-likelihood in nats (higher is better), data units, 20 % test split,
@@ -196,8 +200,10 @@ and {args.max_seconds:.0f} s, batch {args.batch}, AdamW lr {args.lr:g}, warm-up 
 clipping 5, validation on 10 % of the training rows with early stopping (patience {args.patience}
 checks) and best-weight restore. Each split's seed also seeds both fits. zuko gets the same split,
 schedule and early stopping written out in plain torch, on standardized data (its log-likelihood
-corrected by the standardization's log-determinant). {args.jobs} worker processes of
-{args.threads} torch thread(s) each.
+corrected by the standardization's log-determinant). nfcore's `fit_density` starts each spline
+layer from knots set from the marginals of its input in the training rows (`Flow.initialize`); zuko
+starts from its own initialization. {args.jobs} worker processes of {args.threads} torch thread(s)
+each.
 
 `uname -a`: `{' '.join(platform.uname())}`. Load average before / after:
 {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cores. Total run time
