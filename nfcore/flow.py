@@ -146,7 +146,7 @@ class Flow(nn.Module):
     def initialize(self, x: Any, context: Any = None, *, knots: bool = True) -> Flow:
         """Fit the data-dependent layers (``standardize``, ``actnorm``) to the data ``x``, in order,
         each on the output of the layers before it. With ``knots``, also set each spline layer's
-        knots so that it maps the marginals of its own input close to a standard normal (a
+        knots so that it maps the marginals of its own input towards a standard normal (a
         starting point for training; it overwrites what training had learned there)."""
         h = self._points(x)
         ctx = self._context(context, h.shape[0])

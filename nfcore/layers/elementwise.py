@@ -87,7 +87,7 @@ class RationalQuadratic:
         fitted worse than by the identity.
         """
         x = v.detach().to(torch.float64)
-        candidates = torch.stack([self._knots_at(x, mix) for mix in mixes])  # (M, F, P)
+        candidates = self._knots(x, torch.tensor(mixes, dtype=torch.float64, device=x.device))
         stride = max(1, x.shape[0] // 20_000)  # scoring a subset is plenty and bounds the cost
         rows = x[::stride]
         extra = (torch.zeros_like(candidates[0]).expand(rows.shape[0], -1, -1) if offset is None
@@ -99,26 +99,29 @@ class RationalQuadratic:
         best = torch.stack(scores).argmax(0)  # (F,)
         return candidates[best, torch.arange(x.shape[1], device=x.device)]
 
-    def _knots_at(self, x: Tensor, mix: float) -> Tensor:
-        """``marginal_params`` for one ``mix``; ``x`` is float64."""
+    def _knots(self, x: Tensor, mixes: Tensor) -> Tensor:
+        """``marginal_params``' candidates, shape ``(M, F, P)``, one per mix; ``x`` is float64."""
         k, bound = self.bins, self.bound
-        n, f = x.shape
+        (n, f), m = x.shape, mixes.shape[0]
         y = torch.linspace(-bound, bound, k + 1, dtype=torch.float64, device=x.device)[1:-1]
-        target = _normal_cdf(y).expand(f, k - 1)
-        columns = x.T.sort(dim=-1).values.contiguous()
+        target = _normal_cdf(y).expand(f, m, k - 1)
+        mix = mixes[:, None]
+        columns = x.T.sort(dim=-1).values.contiguous()  # (F, N)
         lo = torch.full_like(target, -bound)
         hi = torch.full_like(target, bound)
         for _ in range(50):  # bisection on the smoothed CDF: 2 bound / 2**50 is below float64's eps
             mid = (lo + hi) / 2
-            empirical = torch.searchsorted(columns, mid, right=True).to(torch.float64) / n
+            empirical = torch.searchsorted(columns, mid.flatten(1), right=True).view_as(mid)
+            empirical = empirical.to(torch.float64) / n
             below = (1.0 - mix) * empirical + mix * _normal_cdf(mid) < target
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        edges = torch.cat([torch.full_like(lo[:, :1], -bound), (lo + hi) / 2,
-                           torch.full_like(lo[:, :1], bound)], dim=-1)
+        inner = ((lo + hi) / 2).transpose(0, 1)  # (M, F, K - 1)
+        end = torch.full_like(inner[..., :1], bound)
+        edges = torch.cat([-end, inner, end], dim=-1)
         widths = (edges.diff(dim=-1) / (2.0 * bound)).clamp(min=3.0 * self.min_width)
         widths = widths / widths.sum(-1, keepdim=True)
         slopes = 1.0 / (k * widths)
-        knot_slopes = 2.0 * slopes[:, :-1] * slopes[:, 1:] / (slopes[:, :-1] + slopes[:, 1:])
+        knot_slopes = 2.0 * slopes[..., :-1] * slopes[..., 1:] / (slopes[..., :-1] + slopes[..., 1:])
         raw_w = torch.log(widths - self.min_width)  # inverts ``_bins`` (softmax up to a constant)
         raw_h = torch.zeros_like(widths)  # even heights
         raw_d = torch.log(torch.expm1((knot_slopes - self.min_derivative).clamp(min=1e-6)))
