@@ -36,10 +36,6 @@ class Affine:
 _DERIVATIVE_SHIFT = math.log(math.e - 1.0)  # softplus(0 + shift) == 1: zero params give the identity
 
 
-def _normal_cdf(x: Tensor) -> Tensor:
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
 class RationalQuadratic:
     """Monotone rational-quadratic spline on ``[-bound, bound]``, the identity outside (Durkan 2019).
 
@@ -104,7 +100,7 @@ class RationalQuadratic:
         k, bound = self.bins, self.bound
         (n, f), m = x.shape, mixes.shape[0]
         y = torch.linspace(-bound, bound, k + 1, dtype=torch.float64, device=x.device)[1:-1]
-        target = _normal_cdf(y).expand(f, m, k - 1)
+        target = torch.special.ndtr(y).expand(f, m, k - 1)
         mix = mixes[:, None]
         columns = x.T.sort(dim=-1).values.contiguous()  # (F, N)
         lo = torch.full_like(target, -bound)
@@ -113,7 +109,7 @@ class RationalQuadratic:
             mid = (lo + hi) / 2
             empirical = torch.searchsorted(columns, mid.flatten(1), right=True).view_as(mid)
             empirical = empirical.to(torch.float64) / n
-            below = (1.0 - mix) * empirical + mix * _normal_cdf(mid) < target
+            below = (1.0 - mix) * empirical + mix * torch.special.ndtr(mid) < target
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         inner = ((lo + hi) / 2).transpose(0, 1)  # (M, F, K - 1)
         end = torch.full_like(inner[..., :1], bound)
