@@ -92,7 +92,7 @@ def fit_target(
         gradient: ``"path"`` (the path derivative alone, "sticking the landing", Roeder et al.
             2017: lower variance near the optimum, one extra scoring pass a step), ``"total"`` (the
             plain reparametrised gradient) or ``"auto"``: path when the flow scores in one pass
-            per layer (``flow.fast_log_prob``), total otherwise (planar, radial, IAF).
+            per layer (``flow.fast_log_prob``), total otherwise (planar, IAF).
 
     Example:
         >>> import nfcore, torch
