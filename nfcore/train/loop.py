@@ -24,9 +24,15 @@ from ..errors import NFCoreError, TrainingCancelled
 from ..flow import Flow
 from .checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["Progress", "FitResult", "TrainingDiverged", "Loop", "generator", "learning_rate", "SCHEDULES"]
+__all__ = ["Progress", "FitResult", "TrainingDiverged", "Loop", "generator", "learning_rate", "SCHEDULES",
+           "DEFAULT_STEPS"]
 
 SCHEDULES = ("cosine", "linear", "constant")
+
+#: The step budget when a fit is given neither a step count (or epochs) nor a time budget. With a
+#: time budget alone, a fit trains until the budget or early stopping; with both, whichever comes
+#: first. ``fit_density``, ``fit_target``, ``POST /train`` and ``nfserve train`` all follow this.
+DEFAULT_STEPS = {"density": 2000, "variational": 5000}
 _MAX_BAD_STEPS = 50
 
 
