@@ -174,6 +174,9 @@ class ModelTarget(Target):
                               f"required); got {sorted(map(str, spec))}")
         taken: dict[str, str] = {}
         self.params = self._params(spec["params"], taken)
+        dim = sum(p.free for p in self.params)
+        if dim > LIMITS["dim"]:
+            raise TargetError(f"params: {dim} unconstrained reals in all; at most {LIMITS['dim']}")
         data = self._data(spec.get("data"), taken)
         terms = _terms(spec["log_prob"])
         derived = spec.get("derived") or {}
@@ -202,9 +205,6 @@ class ModelTarget(Target):
                                   else list(terms))
         if "derived" in spec:
             normalized["derived"] = dict(derived)
-        dim = sum(p.free for p in self.params)
-        if dim > LIMITS["dim"]:
-            raise TargetError(f"params: {dim} unconstrained reals in all; at most {LIMITS['dim']}")
         super().__init__(name, dim, self._log_prob_z, description="; ".join(terms)[:500],
                          spec=normalized)
         self._dry_run()
