@@ -136,12 +136,17 @@ def _cumsum(c: Compiler, args: list[ast.expr], node: ast.Call) -> Value:
 def _scan(a: Tensor, b: Tensor) -> Tensor:
     """``s[t] = a[t] s[t-1] + b[t]`` along the last axis, with ``a[0] = 0``: a Hillis-Steele scan
     that composes the affine maps ``s -> a s + b`` pairwise, ``log2(T)`` rounds of element-wise
-    ops (padding with the identity map ``a = 1, b = 0`` before the start)."""
+    ops (padding with the identity map ``a = 1, b = 0`` before the start).
+
+    An exploding recursion (``|coef| > 1`` over many steps) saturates at the dtype's largest
+    finite value instead of overflowing: an infinite product meeting the zero ``a[0]`` would
+    otherwise give NaN where the sequential loop gives a huge number."""
     n = a.shape[-1]
+    big = torch.finfo(a.dtype).max
     step = 1
     while step < n:
-        b = torch.addcmul(b, a, F.pad(b, (step, 0))[..., :n])
-        a = a * F.pad(a, (step, 0), value=1.0)[..., :n]
+        b = torch.addcmul(b, a, F.pad(b, (step, 0))[..., :n]).clamp(-big, big)
+        a = (a * F.pad(a, (step, 0), value=1.0)[..., :n]).clamp(-big, big)
         step *= 2
     return b
 

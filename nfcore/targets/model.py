@@ -33,7 +33,9 @@ in declaration order (row-major within a parameter; a simplex of ``k`` entries h
 is the model's density plus the log-Jacobian. ``target_log_prob(values)`` is the density alone;
 with ``log q_constrained = log q(z) - log|det d(values)/dz|``, the differences
 ``target_log_prob - log q_constrained`` are importance log-weights (``Target.draws`` computes all
-of it). Everything is evaluated in float64 and returned in the caller's dtype.
+of it). Everything is evaluated in float64 and returned in the caller's dtype; in a narrower dtype
+``log_prob(z)`` saturates at ``finfo(dtype).min / 2**20`` (about -3e32 in float32) rather than
+overflowing to ``-inf``.
 """
 
 from __future__ import annotations
@@ -279,7 +281,13 @@ class ModelTarget(Target):
     def _log_prob_z(self, z: Tensor) -> Tensor:
         z64 = z.to(torch.float64)
         xs, ladj = self._split(z64)
-        return (self._density(xs, z64) + ladj).to(z.dtype)
+        out = self._density(xs, z64) + ladj
+        if z.dtype != torch.float64:
+            # A density far below the caller's dtype's range (e.g. -1e69 where an AR(MA) recursion
+            # explodes) saturates instead of becoming -inf, so that one such sample does not make
+            # a whole training batch non-finite; a batch of up to 2**20 of them still sums.
+            out = out.clamp(min=torch.finfo(z.dtype).min / 2**20)
+        return out.to(z.dtype)
 
     def _values(self, values: Tensor) -> list[Tensor]:
         n = values.shape[0]

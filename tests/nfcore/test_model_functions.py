@@ -315,3 +315,24 @@ def test_gradients_reach_every_parameter_through_the_densities():
     z = torch.randn(4, model.dim, dtype=torch.float64, requires_grad=True)
     model.log_prob(z).sum().backward()
     assert torch.isfinite(z.grad).all() and (z.grad.abs() > 0).all()
+
+
+def test_an_exploding_recurrence_saturates_instead_of_giving_nan():
+    coef = np.array([300.0, -1.5, 0.5, 1e10, 0.0])
+    got = evaluate("linear_recurrence(1, coef, rep(1.0, 200))", {"coef": coef})
+    assert not np.isnan(got).any()
+    close(got[2], _recurrence(1.0, np.full(200, 0.5), np.ones(200)))
+    close(got[4], np.ones(200))
+    assert np.abs(got[0, -1]) == np.finfo(np.float64).max
+
+
+def test_a_density_below_float32_range_saturates_in_float32():
+    model = ModelTarget({"params": {"theta": {}},
+                         "data": {"y": np.random.default_rng(0).normal(size=200).tolist()},
+                         "log_prob": "normal_lpdf(linear_recurrence(y[0], -theta, y), 0, 1)"})
+    z = torch.tensor([[0.5], [1.5], [6.0]], requires_grad=True)
+    out = model.log_prob(z)
+    assert torch.isfinite(out).all() and float(out[1].detach()) < -1e30
+    out.sum().backward()
+    assert torch.isfinite(z.grad).all()
+    assert float(model.log_prob(z.detach().double())[1]) < -1e60  # float64 keeps the value
