@@ -44,6 +44,10 @@ class Target:
     ``columns``; for a plain target that space is ``z`` itself (columns ``z[0]``, ``z[1]``, ...).
     ``ModelTarget`` (the model language) has named, constrained parameters.
 
+    For a flow ``q`` fit to a target ``t``, the density of ``q`` in the constrained space at given
+    values is ``flow.log_prob(z) - t.constrain(z)[1]`` with ``z = t.unconstrain(values)``;
+    ``t.target_log_prob(values)`` minus that is an importance log-weight.
+
     Arguments:
         name: a short name, reported in training summaries.
         dim: the dimension of ``z``.
