@@ -84,12 +84,17 @@ def _positive(name: str, v: Any, *, integer: bool = False, allow_zero: bool = Fa
 
 def learning_rate(step: int, total: int | None, lr: float, *, elapsed: float = 0.0,
                   max_seconds: float | None = None, schedule: str = "cosine") -> float:
-    """Linear warm-up over ``min(100, total // 20)`` steps (100 on a time budget alone), then
-    ``schedule`` over whichever of steps and wall clock is further on: on a time budget alone the
-    schedule follows the clock, so a cosine decays over the time given. Public so benchmarks give
-    peers the very same recipe."""
-    warmup = 100 if total is None else min(100, total // 20)
-    if step < warmup:
+    """Linear warm-up over ``min(100, total // 20)`` steps (on a time budget alone, over 100 steps
+    or 5 % of the time, whichever is shorter), then ``schedule`` over whichever of steps and wall
+    clock is further on: on a time budget alone the schedule follows the clock, so a cosine decays
+    over the time given. Public so benchmarks give peers the very same recipe."""
+    if total is None:
+        warm = (step + 1) / 100
+        if max_seconds is not None:
+            warm = max(warm, elapsed / (0.05 * max_seconds))
+        if warm < 1.0:
+            return lr * warm
+    elif step < (warmup := min(100, total // 20)):
         return lr * (step + 1) / warmup
     p = 0.0 if total is None else step / max(total, 1)
     if max_seconds is not None:
