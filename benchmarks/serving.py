@@ -75,7 +75,7 @@ class Server:
                 "NFSERVE_EMBEDDED_WORKER": "false",
                 **{f"NFSERVE_{k.upper()}": v for k, v in env.items()}}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host",
+            [sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app", "--host",
              "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
             env=full, cwd=models.parent)
 

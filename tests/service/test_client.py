@@ -105,7 +105,7 @@ def test_openapi_describes_every_field_with_an_example(app_client: TestClient) -
     for op in ("/log_prob", "/sample"):
         content = spec["paths"][op]["post"]["requestBody"]["content"]
         assert {"application/json", "application/octet-stream"} <= set(content)
-    from service import schemas
+    from service.api import schemas
 
     ours = {n for n in schemas.__all__ if isinstance(getattr(schemas, n), type)}
     missing = []
