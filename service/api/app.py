@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    datasets.router):
         app.include_router(router)
     if settings.fast_path:
-        fast = {r.path: r for r in app.routes if getattr(r, "path", None) in (LOG_PROB, SAMPLE)}
+        fast = {r.path: r for r in inference.router.routes if r.path in (LOG_PROB, SAMPLE)}
         app.add_middleware(FastPath, state=app.state, routes=fast)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -123,7 +123,15 @@ def planned_steps(kind: str, training: dict[str, Any], rows: int | None = None) 
 
 def budgeted(training: dict[str, Any], progress: nfcore.Progress) -> nfcore.Progress:
     """``progress`` as a client should read it: under a time budget alone there is no step
-    total, and the time left is what remains of the budget."""
+    total, and the time left is what remains of the budget.
+
+    Example:
+        >>> p = nfcore.Progress(step=40, total=10**9, loss=1.0, val_loss=None, elapsed=2.5, eta=1e6)
+        >>> budgeted({"max_seconds": 10}, p).total, budgeted({"max_seconds": 10}, p).eta
+        (None, 7.5)
+        >>> budgeted({"steps": 100, "max_seconds": 10}, p) is p
+        True
+    """
     if not time_only(training):
         return progress
     left = max(float(training["max_seconds"]) - progress.elapsed, 0.0)

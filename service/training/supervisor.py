@@ -81,10 +81,12 @@ class EmbeddedWorker:
         log.info("Embedded worker started (pid %d)", self.process.pid)
 
     def _release(self, pid: int) -> None:
-        """Re-queue now the jobs the dead worker ``pid`` was running (it cannot hand them back)."""
+        """Re-queue now the jobs the dead worker ``pid`` was running (it cannot hand them back),
+        and remove it from the live workers."""
         dead = worker_name().rsplit(":", 1)[0] + f":{pid}"
         db, queue = Database.from_settings(self.settings), JobQueue(self.settings)
         try:
+            db.drop_worker(dead)  # no longer counts as live
             counts = reap(db, queue, self.settings, orphans=False, dead_worker=dead)
             if any(counts.values()):
                 log.warning("Jobs of the dead worker %s: %s", dead, counts)

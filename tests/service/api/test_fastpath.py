@@ -1,8 +1,10 @@
-"""The inference fast path (``service.fastpath``) answers exactly as the FastAPI routes do.
+"""The inference fast path (``service.api.fastpath``) answers exactly as the FastAPI routes do,
+and is middleware like any other: what an operator adds with ``app.add_middleware`` covers it.
 
 The same requests, good and bad, go to two in-process apps, one with ``fast_path`` on (the
 default) and one with it off; status, headers that matter and bodies must match (byte for byte
-for JSON, tensor for tensor for safetensors; seeded samples included), and the metrics must count the requests either way.
+for JSON, tensor for tensor for safetensors; seeded samples included), and the metrics must count
+the requests either way.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from contextlib import ExitStack
 
 import numpy as np
 import pytest
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.testclient import TestClient
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from service.api import create_app
+from service.api.fastpath import FastPath
+from service.api.routes import inference as inference_routes
 from service.settings import Settings
 
 from ..conftest import standard_models
@@ -135,3 +140,44 @@ def test_fast_path_checks_keys(settings: Settings, fast_path: bool) -> None:
         for key in ("r-key", "w-key"):
             ok = client.post("/log_prob", json=body, headers={"authorization": f"Bearer {key}"})
             assert ok.status_code == 200 and len(ok.json()["log_prob"]) == 7
+
+
+def test_middleware_added_later_covers_the_fast_routes(settings: Settings,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    standard_models(settings.models_dir)
+    app = create_app(settings)
+    assert any(m.cls is FastPath for m in app.user_middleware)
+    seen: list[tuple[str, str]] = []
+
+    class Spy:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                seen.append((scope["method"], scope["path"]))
+            await self.app(scope, receive, send)
+
+    app.add_middleware(CORSMiddleware, allow_origins=["https://example.org"],
+                       allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(Spy)
+
+    async def not_the_route(*args, **kwargs):  # the answers below must come from the fast path
+        raise AssertionError("the FastAPI route answered a fast-path request")
+
+    monkeypatch.setattr(inference_routes, "_adapt", not_the_route)
+    origin = {"origin": "https://example.org"}
+    with TestClient(app) as client:
+        r = client.post("/log_prob", json={"model": "tiny", "x": X.tolist()}, headers=origin)
+        assert r.status_code == 200 and len(r.json()["log_prob"]) == 7
+        assert r.headers["access-control-allow-origin"] == "https://example.org"
+        r = client.post("/sample", json={"model": "tiny", "n": 2}, headers=origin)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"]
+        r = client.post("/log_prob", json={"model": "nope", "x": [[0, 0]]}, headers=origin)
+        assert r.status_code == 404 and r.headers["access-control-allow-origin"]
+        preflight = client.options("/log_prob", headers={
+            **origin, "access-control-request-method": "POST"})
+        assert preflight.status_code == 200  # answered by CORS, before the fast path
+        text = client.get("/metrics").text
+    assert seen.count(("POST", "/log_prob")) == 2 and ("POST", "/sample") in seen
+    assert 'nfserve_requests_total{method="POST",route="/sample",status="200"} 1.0' in text

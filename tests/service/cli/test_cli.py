@@ -1,5 +1,6 @@
-"""``nfserve`` subcommands: ``train`` (local, progress bar, into the store), ``models``, ``sample``,
-``worker --check``, their errors, and the entry point in a real subprocess."""
+"""``nfserve`` subcommands: ``train`` (local, progress bar, into the store; budgets and
+diagnostics), ``models``, ``sample``, ``worker --check``, their errors, and the entry point in a
+real subprocess."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 import nfcore
 from service.cli import build_parser, main
+from service.training.requests import OPTIONS
 
 from ..jobsupport import ROOT, two_moons
 
@@ -148,3 +150,53 @@ def test_entry_point_in_a_subprocess(store: Path, moons_csv: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "service.cli", "models", "--json"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and json.loads(run.stdout)[0]["name"] == "sub"
+
+
+DIAGNOSTICS = {"pareto_k": 0.93, "ess_fraction": 0.12, "tail_fraction": 0.04,
+               "verdict": "unreliable", "reasons": ["pareto_k 0.93 > 0.7", "4 % in spline tails"]}
+
+
+def spy_fits(monkeypatch: pytest.MonkeyPatch, summary: dict | None = None) -> list[dict]:
+    """Record the options each nfcore fit gets, and add ``summary`` to its result's summary."""
+    calls: list[dict] = []
+    for name in ("fit_density", "fit_target"):
+        real = getattr(nfcore, name)
+
+        def spy(flow, source, real=real, **options):
+            calls.append({k: v for k, v in options.items() if k in OPTIONS})
+            result = real(flow, source, **options)
+            result.summary.update(summary or {})
+            return result
+
+        monkeypatch.setattr(nfcore, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize(("flags", "passed"), [
+    (["--max-seconds", "0.5"], {"max_seconds": 0.5}),
+    (["--steps", "7"], {"steps": 7}),
+    (["--steps", "7", "--max-seconds", "30", "--lr", "0.01"],
+     {"steps": 7, "max_seconds": 30.0, "lr": 0.01}),
+])
+def test_train_passes_on_only_the_budget_and_options_given(
+        store: Path, moons_csv: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str],
+        passed: dict) -> None:
+    calls = spy_fits(monkeypatch)
+    assert main(["train", "moons", "--data", str(moons_csv), "--quiet", *FLOW, *flags]) == 0
+    assert calls == [passed]
+
+
+def test_train_prints_the_verdict_and_its_reasons(store: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    spy_fits(monkeypatch, summary={"diagnostics": DIAGNOSTICS})
+    assert main(["train", "vi", "--target", "U1", "--steps", "5", "--quiet", *FLOW]) == 0
+    out = capsys.readouterr().out
+    assert "diagnostics: unreliable" in out
+    assert "  - pareto_k 0.93 > 0.7\n" in out and "  - 4 % in spline tails\n" in out
+
+
+def test_train_without_diagnostics_prints_no_verdict(store: Path, moons_csv: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "moons", "--data", str(moons_csv), "--steps", "3", "--quiet",
+                 *FLOW]) == 0
+    assert "diagnostics:" not in capsys.readouterr().out

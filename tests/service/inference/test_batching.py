@@ -247,3 +247,26 @@ def test_a_failing_request_does_not_fail_its_batch_mates(flow: nfcore.Flow) -> N
     batcher.close()
     assert isinstance(good, np.ndarray) and good.shape == (2,)
     assert isinstance(bad, Exception)
+
+
+def test_the_batcher_knows_nothing_of_models() -> None:
+    """Any function of a batch will do: the flow's pass is only what the model cache gives it."""
+    passes: list[list[int]] = []
+
+    def run(batch: list[Pending]) -> list[int]:
+        passes.append([p.rows for p in batch])
+        return [10 * p.rows for p in batch]
+
+    lock = threading.Lock()
+    batcher = Batcher(run, "plain", BatcherConfig(max_queue_delay_s=0.0), device_lock=lock)
+
+    async def main() -> list:
+        with lock:  # all three queue up before the thread may run a pass
+            jobs = [make_job("log_prob", rows) for rows in (1, 2, 3)]
+            run_held(batcher, lock, jobs)
+        return await gather(jobs)
+
+    results = asyncio.run(main())
+    batcher.close()
+    assert results == [10, 20, 30]
+    assert sorted(r for batch in passes for r in batch) == [1, 2, 3] and len(passes) <= 2

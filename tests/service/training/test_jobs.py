@@ -15,12 +15,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import nfcore
+from nfcore.train import DEFAULT_STEPS
 from service.api import create_app
 from service.client import Client
 from service.settings import Settings
 from service.training import JobRecord
 from service.training.queue import JSONSerializer
 from service.training.reaper import checkpoint_path, reap
+from service.training.requests import OPTIONS
 from service.training.worker import JobRunner
 
 from ..jobsupport import TINY_FLOW, Deployment, deployment, two_moons, wait_for, wait_job
@@ -395,3 +398,94 @@ def test_metrics_count_jobs_by_status(api: TestClient) -> None:
     assert 'nfserve_jobs{status="succeeded"} 1.0' in text
     assert 'nfserve_jobs{status="queued"} 1.0' in text
     assert "nfserve_job_queue_messages" in text
+
+
+# ---------------------------------------------------------------------- budgets and diagnostics
+DIAGNOSTICS = {"pareto_k": 0.93, "ess_fraction": 0.12, "tail_fraction": 0.04,
+               "verdict": "unreliable", "reasons": ["pareto_k 0.93 > 0.7", "4 % in spline tails"]}
+
+
+def spy_fits(monkeypatch: pytest.MonkeyPatch, *, stop: bool = False,
+             summary: dict | None = None) -> list[dict]:
+    """Record the options each nfcore fit gets (``stop``: then fail instead of training; with
+    ``summary``: add it to the fit's summary, as a newer nfcore would)."""
+    calls: list[dict] = []
+    for name in ("fit_density", "fit_target"):
+        real = getattr(nfcore, name)
+
+        def spy(flow, source, real=real, **options):
+            calls.append({k: v for k, v in options.items() if k in OPTIONS})
+            if stop:
+                raise RuntimeError("stopped by the test")
+            result = real(flow, source, **options)
+            result.summary.update(summary or {})
+            return result
+
+        monkeypatch.setattr(nfcore, name, spy)
+    return calls
+
+
+def test_a_time_budget_alone_is_passed_on_alone_and_has_no_step_total(
+        api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_fits(monkeypatch)
+    r = api.post("/train", json={"name": "timed", "flow": TINY_FLOW,
+                                 "objective": {"kind": "density", "data": two_moons(200).tolist()},
+                                 "training": {"max_seconds": 1.0, "batch_size": 64}})
+    assert r.status_code == 202, r.text
+    job = api.get(r.json()["status_url"]).json()
+    assert job["training"] == {"max_seconds": 1.0, "batch_size": 64}  # as given, nothing added
+    assert job["progress"]["total"] is None
+    runner_for(api)(job["id"])
+    job = api.get(r.json()["status_url"]).json()
+    assert job["status"] == "succeeded", job
+    assert calls == [{"max_seconds": 1.0, "batch_size": 64}]  # no hidden step count
+    assert job["progress"]["total"] is None and job["progress"]["step"] > 0
+
+
+@pytest.mark.parametrize(("kind", "training", "total", "passed"), [
+    ("density", {}, DEFAULT_STEPS["density"], {}),
+    ("variational", {}, DEFAULT_STEPS["variational"], {}),
+    ("density", {"epochs": 2, "batch_size": 50}, 10, {"epochs": 2, "batch_size": 50}),  # 225 rows
+    ("variational", {"steps": 30, "max_seconds": 60}, 30, {"steps": 30, "max_seconds": 60}),
+])
+def test_only_the_options_given_reach_nfcore(api: TestClient, monkeypatch: pytest.MonkeyPatch,
+                                              kind: str, training: dict, total: int,
+                                              passed: dict) -> None:
+    calls = spy_fits(monkeypatch, stop=True)
+    objective = ({"kind": "density", "dataset": upload(api, two_moons(250))} if kind == "density"
+                 else {"kind": "variational", "target": {"builtin": "U1"}})
+    r = api.post("/train", json={"name": "m", "flow": TINY_FLOW, "objective": objective,
+                                 "training": training})
+    assert r.status_code == 202, r.text
+    assert api.get(r.json()["status_url"]).json()["progress"]["total"] == total
+    runner_for(api)(r.json()["job_id"])
+    assert calls == [passed]
+    assert "stopped by the test" in api.get(r.json()["status_url"]).json()["error"]
+
+
+def test_openapi_states_the_budget_rules(api: TestClient) -> None:
+    schema = api.get("/openapi.json").json()["components"]["schemas"]["TrainingOptions"]
+    for field in ("steps", "max_seconds"):
+        text = schema["properties"][field]["description"]
+        assert "alone trains until it runs out or early stopping" in text
+        assert "whichever comes first" in text
+        assert f"{DEFAULT_STEPS['density']} steps for density jobs" in text
+
+
+def test_diagnostics_of_a_fit_show_in_the_job_and_the_model(
+        api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy_fits(monkeypatch, summary={"diagnostics": DIAGNOSTICS})
+    r = api.post("/train", json={"name": "vi", "flow": TINY_FLOW, "training": {"steps": 10},
+                                 "objective": {"kind": "variational",
+                                               "target": {"builtin": "U1"}}})
+    runner_for(api)(r.json()["job_id"])
+    job = api.get(r.json()["status_url"]).json()
+    assert job["status"] == "succeeded", job
+    assert job["result"]["diagnostics"] == DIAGNOSTICS
+    version = api.get("/models/vi").json()["versions"][0]
+    assert version["diagnostics"] == DIAGNOSTICS
+    assert version["metadata"]["training"]["diagnostics"] == DIAGNOSTICS
+    schema = api.get("/openapi.json").json()["components"]["schemas"]
+    assert "diagnostics" in schema["JobResult"]["properties"]
+    assert "diagnostics" not in schema["JobResult"].get("required", [])
+    assert set(schema["Diagnostics"]["properties"]) >= set(DIAGNOSTICS)
