@@ -14,8 +14,8 @@ per dependency per request that cost more than the rest of a small /log_prob req
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -34,36 +34,20 @@ __all__ = ["SettingsDep", "StoreDep", "DataPlaneDep", "MetricsDep", "DatabaseDep
            "collect_body", "multipart_file", "check_key", "bearer_token"]
 
 
-async def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings
+def _state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    """The dependency that returns ``app.state.<name>``."""
+    async def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+    get.__name__ = f"get_{name}"
+    return get
 
 
-async def get_store(request: Request) -> ModelStore:
-    return request.app.state.store
-
-
-async def get_data_plane(request: Request) -> DataPlane:
-    return request.app.state.data_plane
-
-
-async def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-async def get_database(request: Request) -> Database:
-    return request.app.state.db
-
-
-async def get_queue(request: Request) -> JobQueue:
-    return request.app.state.queue
-
-
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-StoreDep = Annotated[ModelStore, Depends(get_store)]
-DataPlaneDep = Annotated[DataPlane, Depends(get_data_plane)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-DatabaseDep = Annotated[Database, Depends(get_database)]
-QueueDep = Annotated[JobQueue, Depends(get_queue)]
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+StoreDep = Annotated[ModelStore, Depends(_state("store"))]
+DataPlaneDep = Annotated[DataPlane, Depends(_state("data_plane"))]
+MetricsDep = Annotated[Metrics, Depends(_state("metrics"))]
+DatabaseDep = Annotated[Database, Depends(_state("db"))]
+QueueDep = Annotated[JobQueue, Depends(_state("queue"))]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`. "
                      "Needed only when the server is configured with keys.")

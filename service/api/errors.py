@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nfcore import errors as engine
+from nfcore import errors as nfcore_errors
 
 from ..errors import ServiceError
 from ..inference.protocol import validation_message
@@ -27,8 +27,8 @@ log = logging.getLogger("nfserve")
 
 # nfcore's errors -> kind. Order matters: subclasses before their bases.
 _ENGINE: list[tuple[type[BaseException], ErrorKind]] = [
-    (engine.TrainingCancelled, ErrorKind.CONFLICT),
-    (engine.NFCoreError, ErrorKind.INVALID_INPUT),  # spec, shape, expression, target, artifact
+    (nfcore_errors.TrainingCancelled, ErrorKind.CONFLICT),
+    (nfcore_errors.NFCoreError, ErrorKind.INVALID_INPUT),  # spec, shape, expression, target, artifact
 ]
 
 # Headers that go with a kind's answer.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["CommandError", "guard", "settings", "json_arg"]
+__all__ = ["CommandError", "guard", "settings", "json_arg", "subcommand"]
 
 
 class CommandError(Exception):
@@ -47,3 +47,12 @@ def json_arg(value: str, what: str) -> Any:
         raise CommandError(f"{what}: cannot read {value!r} ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise CommandError(f"{what}: not valid JSON ({e})") from None
+
+
+def subcommand(subparsers: argparse._SubParsersAction, name: str, summary: str,
+               description: str, run: Callable[[argparse.Namespace], int]
+               ) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``, which runs ``run`` (``summary`` in ``nfserve --help``)."""
+    parser = subparsers.add_parser(name, help=summary, description=description)
+    parser.set_defaults(func=run)
+    return parser

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import CommandError, guard
+from .common import CommandError, guard, subcommand
 from .common import settings as load_settings
 
 __all__ = ["add_sample", "add_models"]
@@ -66,10 +66,10 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def add_sample(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "sample", help="draw samples from a model",
-        description="Draw samples and their log density from a model in the local store (or a "
-                    "server with --url); writes CSV (x0, x1, …, log_prob) or .npy.")
+    p = subcommand(subparsers, "sample", "draw samples from a model",
+                   "Draw samples and their log density from a model in the local store (or a "
+                   "server with --url); writes CSV (x0, x1, …, log_prob) or .npy.",
+                   guard(run_sample))
     p.add_argument("name", help="model name")
     p.add_argument("-n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--version", type=int, default=None, help="model version (default latest)")
@@ -79,7 +79,6 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--url", default=None, help="ask this server instead of the local store")
     p.add_argument("--api-key", default=None, help="API key for --url")
     p.add_argument("--models-dir", default=None, help="model store (NFSERVE_MODELS_DIR)")
-    p.set_defaults(func=guard(run_sample))
 
 
 # ---------------------------------------------------------------------- models
@@ -115,10 +114,9 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def add_models(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("models", help="list the models and their versions",
-                              description="List the models of the local store (or a server).")
+    p = subcommand(subparsers, "models", "list the models and their versions",
+                   "List the models of the local store (or a server).", guard(run_models))
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--url", default=None, help="ask this server instead of the local store")
     p.add_argument("--api-key", default=None, help="API key for --url")
     p.add_argument("--models-dir", default=None, help="model store (NFSERVE_MODELS_DIR)")
-    p.set_defaults(func=guard(run_models))

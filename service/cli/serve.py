@@ -8,6 +8,7 @@ import signal
 import sys
 
 from .common import settings as load_settings
+from .common import subcommand
 
 __all__ = ["add_serve"]
 
@@ -35,10 +36,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "serve", help="run the HTTP API (and one worker)",
-        description="Run the HTTP API (uvicorn) on the model store, plus one training worker "
-                    "process, restarted if it dies, unless NFSERVE_EMBEDDED_WORKER=false.")
+    p = subcommand(subparsers, "serve", "run the HTTP API (and one worker)",
+                   "Run the HTTP API (uvicorn) on the model store, plus one training worker "
+                   "process, restarted if it dies, unless NFSERVE_EMBEDDED_WORKER=false.",
+                   run_serve)
     p.add_argument("--host", default=None, help="bind address (NFSERVE_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (NFSERVE_PORT, default 8000)")
     p.add_argument("--models-dir", default=None, help="model store (NFSERVE_MODELS_DIR)")
@@ -46,4 +47,3 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                    help="log every request")
-    p.set_defaults(func=run_serve)

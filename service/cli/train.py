@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import CommandError, guard, json_arg
+from .common import CommandError, guard, json_arg, subcommand
 from .common import settings as load_settings
 
 __all__ = ["add_train"]
@@ -129,15 +129,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train", help="train a flow here, with a progress bar, into the model store",
-        description="Train a flow locally and publish it as the next version of NAME in the model "
-                    "store. Data: --data FILE (CSV, .npy or safetensors). Or a target for "
-                    "variational fitting: --target U1 (built-in or plugin) or --expression "
-                    "'-0.5*sum(z**2)' --dim 2. Budget: --max-seconds alone trains until the time "
-                    "runs out or early stopping; --steps (or --epochs) alone trains that many "
-                    "steps; both: whichever comes first; neither: nfcore's default step count "
-                    "(nfcore.train.DEFAULT_STEPS).")
+    p = subcommand(
+        subparsers, "train", "train a flow here, with a progress bar, into the model store",
+        "Train a flow locally and publish it as the next version of NAME in the model store. "
+        "Data: --data FILE (CSV, .npy or safetensors). Or a target for variational fitting: "
+        "--target U1 (built-in or plugin) or --expression '-0.5*sum(z**2)' --dim 2. Budget: "
+        "--max-seconds alone trains until the time runs out or early stopping; --steps (or "
+        "--epochs) alone trains that many steps; both: whichever comes first; neither: nfcore's "
+        "default step count (nfcore.train.DEFAULT_STEPS).", guard(run_train))
     p.add_argument("name", help="model name")
     src = p.add_argument_group("what to fit (one of)")
     src.add_argument("--data", help="CSV, .npy or safetensors file of training rows")
@@ -166,4 +165,3 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--models-dir", default=None, help="model store (NFSERVE_MODELS_DIR)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (NFSERVE_DEVICE)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=guard(run_train))

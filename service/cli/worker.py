@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .common import settings as load_settings
+from .common import subcommand
 
 __all__ = ["add_worker"]
 
@@ -29,11 +30,10 @@ def run_worker_command(args: argparse.Namespace) -> int:
 
 
 def add_worker(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "worker", help="run a training worker",
-        description="Consume training jobs from the queue (Huey, thread workers; one process per "
-                    "GPU), beat heartbeats, and re-queue the jobs of workers that died. SIGTERM "
-                    "hands running jobs back to the queue.")
+    p = subcommand(subparsers, "worker", "run a training worker",
+                   "Consume training jobs from the queue (Huey, thread workers; one process per "
+                   "GPU), beat heartbeats, and re-queue the jobs of workers that died. SIGTERM "
+                   "hands running jobs back to the queue.", run_worker_command)
     p.add_argument("--threads", type=int, default=None,
                    help="jobs run at once in this process (NFSERVE_WORKER_THREADS, default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (NFSERVE_DEVICE)")
@@ -45,4 +45,3 @@ def add_worker(subparsers: argparse._SubParsersAction) -> None:
                    help="only check that the job store, queue and model store are reachable "
                         "(exit 0) or not (exit 1): the container health check")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=run_worker_command)

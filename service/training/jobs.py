@@ -9,7 +9,7 @@ worker's side is ``service.training.worker``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 
@@ -78,11 +78,17 @@ def submit_job(db: Database, queue: JobQueue, settings: Settings, *, name: str,
     return job
 
 
+T = TypeVar("T")
+
+
+def _found(row: T | None, message: str) -> T:
+    if row is None:
+        raise NotFound(message)
+    return row
+
+
 def read_job(db: Database, job_id: str) -> JobRecord:
-    job = db.get_job(job_id)
-    if job is None:
-        raise NotFound(f"Unknown job {job_id!r}; GET /jobs lists the jobs")
-    return job
+    return _found(db.get_job(job_id), f"Unknown job {job_id!r}; GET /jobs lists the jobs")
 
 
 def list_jobs(db: Database, *, status: JobStatus | None = None, name: str | None = None,
@@ -114,7 +120,4 @@ def cancel_job(db: Database, job_id: str, settings: Settings) -> JobRecord:
 
 
 def read_dataset(db: Database, dataset_id: str) -> DatasetRecord:
-    row = db.get_dataset(dataset_id)
-    if row is None:
-        raise NotFound(f"Unknown dataset {dataset_id!r}")
-    return row
+    return _found(db.get_dataset(dataset_id), f"Unknown dataset {dataset_id!r}")

@@ -8,6 +8,7 @@ Each reads the request into a ``Call`` (the body size-limited while streaming), 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -67,29 +68,35 @@ def _binary_answer(tensors: str) -> dict[str, Any]:
                        f"application/octet-stream)"}}}}
 
 
-@router.post(
-    LOG_PROB, response_model=LogProbResponse,
-    responses={200: _binary_answer("log_prob"), **_ERRORS},
-    openapi_extra=_binary_doc(LogProbRequest, LogProbOptions,
-                              "x (rows, dim) and optionally context", required=True))
-async def score_points(request: Request, plane: DataPlaneDep, settings: SettingsDep) -> Response:
-    """Log density of each row of x under a model (latest version unless version is given)."""
-    return await _adapt(request, plane, settings, LOG_PROB)
-
-
-@router.post(
-    SAMPLE, response_model=SampleResponse,
-    responses={200: _binary_answer("samples (n, dim) and log_prob (n,)"), **_ERRORS},
-    openapi_extra=_binary_doc(SampleRequest, SampleOptions,
-                              "context (optional, conditional models)", required=False))
-async def draw_samples(request: Request, plane: DataPlaneDep, settings: SettingsDep) -> Response:
-    """Draw n samples and their log densities; the same seed gives the same samples."""
-    return await _adapt(request, plane, settings, SAMPLE)
-
-
 async def _adapt(request: Request, plane: DataPlane, settings: Settings, route: str) -> Response:
     headers = request.headers
     call = Call(headers.get("content-type", ""), headers.get("accept", ""),
                 dict(request.query_params), await read_body(request, settings.max_body_bytes))
     answer = await plane.answer(route, call)
     return Response(answer.body, media_type=answer.media_type)
+
+
+def _endpoint(route: str, name: str, summary: str) -> Callable[..., Awaitable[Response]]:
+    async def endpoint(request: Request, plane: DataPlaneDep, settings: SettingsDep) -> Response:
+        return await _adapt(request, plane, settings, route)
+
+    endpoint.__name__, endpoint.__doc__ = name, summary
+    return endpoint
+
+
+# (route, handler name, what it does, request body, its options, answer, tensors in and out)
+_ROUTES = [
+    (LOG_PROB, "score_points",
+     "Log density of each row of x under a model (latest version unless version is given).",
+     LogProbRequest, LogProbOptions, LogProbResponse, "x (rows, dim) and optionally context",
+     "log_prob"),
+    (SAMPLE, "draw_samples",
+     "Draw n samples and their log densities; the same seed gives the same samples.",
+     SampleRequest, SampleOptions, SampleResponse, "context (optional, conditional models)",
+     "samples (n, dim) and log_prob (n,)"),
+]
+for route, name, summary, body, options, answer, given, returned in _ROUTES:
+    router.add_api_route(
+        route, _endpoint(route, name, summary), methods=["POST"], response_model=answer,
+        responses={200: _binary_answer(returned), **_ERRORS},
+        openapi_extra=_binary_doc(body, options, given, required=route == LOG_PROB))

@@ -82,11 +82,16 @@ def test_log_prob_rejects_json_that_is_not_an_object(server: Server) -> None:
     assert r.json()["detail"] == "Request body must be a JSON object; got list"
 
 
-def test_log_prob_rejects_empty_body(server: Server) -> None:
-    r = httpx.post(server.url + "/log_prob", content=b"",
-                   headers={"content-type": "application/json"})
-    assert r.status_code == 422
-    assert "empty" in r.json()["detail"]
+@pytest.mark.parametrize(("content", "content_type", "status", "fragment"), [
+    (b"", "application/json", 422, "Request body is empty"),
+    (b"x=1", "text/csv", 415, "Unsupported Content-Type 'text/csv'"),
+])
+def test_log_prob_rejects_an_empty_body_or_an_unsupported_type(
+        server: Server, content: bytes, content_type: str, status: int, fragment: str) -> None:
+    r = httpx.post(server.url + "/log_prob", content=content,
+                   headers={"content-type": content_type})
+    assert r.status_code == status
+    assert fragment in r.json()["detail"]
 
 
 def test_log_prob_requires_x_and_model(server: Server) -> None:
@@ -168,13 +173,6 @@ def test_binary_log_prob_needs_model_in_query(server: Server) -> None:
     r = httpx.post(server.url + "/log_prob", content=body, headers={"content-type": OCTET})
     assert r.status_code == 422
     assert "model: Field required" in r.json()["detail"]
-
-
-def test_log_prob_rejects_unsupported_content_type(server: Server) -> None:
-    r = httpx.post(server.url + "/log_prob", content=b"x=1",
-                   headers={"content-type": "text/csv"})
-    assert r.status_code == 415
-    assert "Unsupported Content-Type 'text/csv'" in r.json()["detail"]
 
 
 def test_context_errors(client: Client) -> None:

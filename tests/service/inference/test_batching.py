@@ -26,15 +26,25 @@ def flow() -> nfcore.Flow:
     return nfcore.build(TINY)
 
 
-def batcher_of(flow: nfcore.Flow, config: BatcherConfig, **kw) -> Batcher:
-    """A batcher in front of ``flow``'s forward pass, as the model cache builds it."""
-    return Batcher(forward(flow, config.max_batch_rows), "t:1", config, **kw)
+def batcher_of(flow: nfcore.Flow, config: BatcherConfig) -> tuple[Batcher, threading.Lock]:
+    """A batcher in front of ``flow``'s forward pass, as the model cache builds it, and its device
+    lock (hold it to keep every pass waiting)."""
+    lock = threading.Lock()
+    return Batcher(forward(flow, config.max_batch_rows), "t:1", config, device_lock=lock), lock
 
 
 def make_job(kind: str, rows: int, *, x=None, seed=None, deadline_s: float = 30.0) -> Pending:
     loop = asyncio.get_running_loop()
     return Pending(kind=kind, rows=rows, future=loop.create_future(), loop=loop,
                deadline=time.monotonic() + deadline_s, x=x, seed=seed)
+
+
+async def taken(batcher: Batcher, first: Pending) -> Pending:
+    """Submit ``first`` and wait until the thread took it (and waits for the held device lock)."""
+    batcher.submit(first)
+    while batcher.queued_rows:
+        await asyncio.sleep(0.001)
+    return first
 
 
 def run_held(batcher: Batcher, lock: threading.Lock, jobs: list[Pending]) -> None:
@@ -48,17 +58,13 @@ async def gather(jobs: list[Pending]) -> list:
 
 
 def test_batcher_coalesces_queued_requests_into_one_pass(flow: nfcore.Flow) -> None:
-    lock = threading.Lock()
-    batcher = batcher_of(flow, BatcherConfig(max_queue_delay_s=0.0), device_lock=lock)
+    batcher, lock = batcher_of(flow, BatcherConfig(max_queue_delay_s=0.0))
     xs = [np.random.default_rng(i).normal(size=(i + 1, 2)).astype(np.float32) for i in range(8)]
 
     async def main() -> list:
         # Hold the lock through a first (blocking) job so the other 8 queue up behind it.
         with lock:
-            first = make_job("log_prob", 1, x=np.zeros((1, 2), np.float32))
-            batcher.submit(first)
-            while batcher.queued_rows:  # the thread took the first job and waits for the lock
-                await asyncio.sleep(0.001)
+            first = await taken(batcher, make_job("log_prob", 1, x=np.zeros((1, 2), np.float32)))
             jobs = [make_job("log_prob", len(x), x=x) for x in xs]
             run_held(batcher, lock, jobs)
         return await gather([first, *jobs])
@@ -73,8 +79,7 @@ def test_batcher_coalesces_queued_requests_into_one_pass(flow: nfcore.Flow) -> N
 
 
 def test_batching_off_runs_one_pass_per_request(flow: nfcore.Flow) -> None:
-    lock = threading.Lock()
-    batcher = batcher_of(flow, BatcherConfig(batching=False), device_lock=lock)
+    batcher, lock = batcher_of(flow, BatcherConfig(batching=False))
 
     async def main() -> list:
         with lock:
@@ -89,15 +94,11 @@ def test_batching_off_runs_one_pass_per_request(flow: nfcore.Flow) -> None:
 
 
 def test_batcher_keeps_kinds_apart(flow: nfcore.Flow) -> None:
-    lock = threading.Lock()
-    batcher = batcher_of(flow, BatcherConfig(max_queue_delay_s=0.0), device_lock=lock)
+    batcher, lock = batcher_of(flow, BatcherConfig(max_queue_delay_s=0.0))
 
     async def main() -> list:
         with lock:
-            first = make_job("sample", 1, seed=0)
-            batcher.submit(first)
-            while batcher.queued_rows:
-                await asyncio.sleep(0.001)
+            first = await taken(batcher, make_job("sample", 1, seed=0))
             jobs = [make_job("log_prob", 2, x=np.zeros((2, 2), np.float32)),
                     make_job("sample", 4, seed=1), make_job("log_prob", 3,
                                                             x=np.ones((3, 2), np.float32))]
@@ -112,8 +113,7 @@ def test_batcher_keeps_kinds_apart(flow: nfcore.Flow) -> None:
 
 
 def test_seeded_samples_do_not_depend_on_batching(flow: nfcore.Flow) -> None:
-    lock = threading.Lock()
-    batcher = batcher_of(flow, BatcherConfig(max_queue_delay_s=0.0), device_lock=lock)
+    batcher, lock = batcher_of(flow, BatcherConfig(max_queue_delay_s=0.0))
     seeds = [11, 12, 13, 14]
 
     async def main() -> list:
@@ -134,15 +134,11 @@ def test_seeded_samples_do_not_depend_on_batching(flow: nfcore.Flow) -> None:
 
 
 def test_full_queue_fails_fast_with_overloaded(flow: nfcore.Flow) -> None:
-    lock = threading.Lock()
-    batcher = batcher_of(flow, BatcherConfig(max_queued_rows=10), device_lock=lock)
+    batcher, lock = batcher_of(flow, BatcherConfig(max_queued_rows=10))
 
     async def main() -> None:
         with lock:
-            first = make_job("sample", 1, seed=0)
-            batcher.submit(first)
-            while batcher.queued_rows:
-                await asyncio.sleep(0.001)
+            first = await taken(batcher, make_job("sample", 1, seed=0))
             batcher.submit(make_job("sample", 6, seed=1))
             with pytest.raises(Overloaded, match="6 rows already queued \\(limit 10\\)"):
                 batcher.submit(make_job("sample", 5, seed=2))
@@ -153,8 +149,7 @@ def test_full_queue_fails_fast_with_overloaded(flow: nfcore.Flow) -> None:
 
 
 def test_request_past_its_deadline_gets_overloaded(flow: nfcore.Flow) -> None:
-    lock = threading.Lock()
-    batcher = batcher_of(flow, BatcherConfig(), device_lock=lock)
+    batcher, lock = batcher_of(flow, BatcherConfig())
 
     async def main() -> list:
         with lock:
@@ -170,7 +165,7 @@ def test_request_past_its_deadline_gets_overloaded(flow: nfcore.Flow) -> None:
 
 
 def test_large_request_runs_in_chunks_of_max_batch_rows(flow: nfcore.Flow) -> None:
-    batcher = batcher_of(flow, BatcherConfig(max_batch_rows=100))
+    batcher, _ = batcher_of(flow, BatcherConfig(max_batch_rows=100))
     x = np.random.default_rng(0).normal(size=(1050, 2)).astype(np.float32)
 
     async def main():
@@ -229,15 +224,11 @@ def test_concurrent_seeded_samples_equal_sequential_ones(server: Server, client:
 
 
 def test_a_failing_request_does_not_fail_its_batch_mates(flow: nfcore.Flow) -> None:
-    lock = threading.Lock()
-    batcher = batcher_of(flow, BatcherConfig(max_queue_delay_s=0.0), device_lock=lock)
+    batcher, lock = batcher_of(flow, BatcherConfig(max_queue_delay_s=0.0))
 
     async def main() -> list:
         with lock:
-            first = make_job("log_prob", 1, x=np.zeros((1, 2), np.float32))
-            batcher.submit(first)
-            while batcher.queued_rows:
-                await asyncio.sleep(0.001)
+            first = await taken(batcher, make_job("log_prob", 1, x=np.zeros((1, 2), np.float32)))
             good = make_job("log_prob", 2, x=np.zeros((2, 2), np.float32))
             bad = make_job("log_prob", 2, x=np.zeros((2, 3), np.float32))  # slipped past checks
             run_held(batcher, lock, [good, bad])
