@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..client import Client, NFServeError
 from .common import CommandError, guard, subcommand
 from .common import settings as load_settings
 
@@ -35,8 +36,6 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.context:
         context = np.asarray([[float(v) for v in args.context.split(",")]])
     if args.url:
-        from ..client import Client, NFServeError
-
         try:
             with Client(args.url, api_key=args.api_key) as c:
                 x, log_q = c.sample(args.name, args.n, seed=args.seed, context=context,
@@ -84,8 +83,6 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------- models
 def run_models(args: argparse.Namespace) -> int:
     if args.url:
-        from ..client import Client, NFServeError
-
         try:
             with Client(args.url, api_key=args.api_key) as c:
                 rows = [{"name": m["name"], "versions": m.get("versions"), "dim": m.get("dim")}
