@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..inference.protocol import LogProbOptions, SampleOptions
 from ..store import NAME_PATTERN
 from ..training import DatasetRecord, JobRecord
-from ..training.requests import BUDGET_RULES, DEFAULTS
+from ..training.requests import BUDGET_RULES, default_text
 from ..training.runner import diagnostics
 from ..wire import JSON, JobStatus
 
@@ -221,18 +221,19 @@ class TrainingOptions(BaseModel):
     max_seconds: float | None = Field(None, gt=0, description=f"Time budget in seconds. "
                                       f"{BUDGET_RULES}", examples=[90.0])
     batch_size: int | None = Field(None, ge=1, le=65536, description=f"Rows (or samples) per "
-                                   f"step; default {DEFAULTS['batch_size']}.", examples=[256])
+                                   f"step; default {default_text('batch_size')}.", examples=[256])
     lr: float | None = Field(None, gt=0, le=10, description=f"AdamW learning rate; default "
-                             f"{DEFAULTS['lr']:g}.", examples=[1e-3])
+                             f"{default_text('lr')}.", examples=[1e-3])
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description=f"Seed of the initial weights, "
                              f"the data split and the batches: same seed, same data, same model; "
-                             f"default {DEFAULTS['seed']}.", examples=[0])
+                             f"default {default_text('seed')}.", examples=[0])
     validation_fraction: float | None = Field(
         None, ge=0, lt=1, description=f"Held-out share of the data for val_loss and early "
-        f"stopping (density jobs); default {DEFAULTS['validation_fraction']:g}.", examples=[0.1])
+        f"stopping (density jobs); default {default_text('validation_fraction')}.",
+        examples=[0.1])
     anneal_steps: int | None = Field(None, ge=0, description=f"Steps over which the target's "
                                      f"weight rises to 1 (variational jobs); default "
-                                     f"{DEFAULTS['anneal_steps']}.", examples=[0])
+                                     f"{default_text('anneal_steps')}.", examples=[0])
 
     @field_validator("lr", "max_seconds")
     @classmethod

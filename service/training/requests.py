@@ -8,7 +8,7 @@ Budget rules (nfcore's, which the service follows by passing on only the options
 - ``max_seconds`` alone: train until the time budget or early stopping, whichever comes first;
 - ``steps`` (or, for density jobs, ``epochs``) alone: exactly that many steps, early stopping aside;
 - both: whichever comes first;
-- neither: ``nfcore.train.DEFAULT_STEPS`` steps (2000 for density, 5000 for variational jobs).
+- neither: ``nfcore.train.DEFAULT_STEPS[kind]`` steps.
 
 Every other option left out takes nfcore's default, read from the signatures of
 ``nfcore.fit_density`` and ``nfcore.fit_target`` (``DEFAULTS``).
@@ -33,7 +33,8 @@ from nfcore.train import DEFAULT_STEPS
 from ..errors import InvalidInput
 from ..settings import Settings
 
-__all__ = ["KINDS", "OPTIONS", "DEFAULTS", "DEFAULT_STEPS", "BUDGET_RULES", "fit_options",
+__all__ = ["KINDS", "OPTIONS", "DEFAULTS", "DEFAULT_STEPS", "BUDGET_RULES", "default_text",
+           "fit_options",
            "planned_steps", "time_only", "budgeted", "checked_spec", "checked_target",
            "check_data", "check_budget", "load_plugins"]
 
@@ -49,20 +50,30 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _defaults() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, kinds in OPTIONS.items():
-        if name in ("steps", "epochs", "max_seconds"):
-            continue  # the budget: see BUDGET_RULES
-        values = {inspect.signature(_FITS[k]).parameters[name].default for k in kinds}
-        if len(values) != 1:
-            raise RuntimeError(f"nfcore's fits disagree on the default of {name}: {values}")
-        out[name] = values.pop()
-    return out
+def _defaults() -> dict[str, dict[str, Any]]:
+    budget = ("steps", "epochs", "max_seconds")  # see BUDGET_RULES
+    return {kind: {name: inspect.signature(_FITS[kind]).parameters[name].default
+                   for name, kinds in OPTIONS.items() if kind in kinds and name not in budget}
+            for kind in KINDS}
 
 
-#: The default of every option but the budget: nfcore's own.
-DEFAULTS: dict[str, Any] = _defaults()
+#: The default of every option but the budget, by objective kind: nfcore's own.
+DEFAULTS: dict[str, dict[str, Any]] = _defaults()
+
+
+def default_text(name: str) -> str:
+    """How the docs state the default of option ``name`` (per kind where the kinds differ).
+
+    Example:
+        >>> default_text("batch_size"), default_text("anneal_steps")
+        ('256', '0')
+    """
+    values = {kind: DEFAULTS[kind][name] for kind in KINDS if name in DEFAULTS[kind]}
+    texts = {kind: f"{v:g}" if isinstance(v, float) else str(v) for kind, v in values.items()}
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return ", ".join(f"{text} for {kind} jobs" for kind, text in texts.items())
+
 
 BUDGET_RULES = (
     "A time budget (max_seconds) alone trains until it runs out or early stopping; a step count "
@@ -103,18 +114,21 @@ def planned_steps(kind: str, training: dict[str, Any], rows: int | None = None) 
     """The steps a fit will take at most, by the budget rules; None for a time budget alone.
 
     Example:
-        >>> planned_steps("variational", {}), planned_steps("density", {"max_seconds": 9.0})
-        (5000, None)
+        >>> planned_steps("variational", {}) == DEFAULT_STEPS["variational"]
+        True
+        >>> planned_steps("density", {"max_seconds": 9.0}) is None
+        True
         >>> planned_steps("density", {"epochs": 2, "batch_size": 100}, rows=1000)
         18
     """
     if training.get("steps") is not None:
         return int(training["steps"])
     if training.get("epochs") is not None:
-        fraction = training.get("validation_fraction", DEFAULTS["validation_fraction"])
+        fraction = training.get("validation_fraction",
+                                DEFAULTS[kind]["validation_fraction"])
         n = int(rows or 0)
         n_val = 0 if fraction == 0 else min(max(1, round(n * fraction)), n - 1)
-        batch = min(training.get("batch_size") or DEFAULTS["batch_size"], n - n_val)
+        batch = min(training.get("batch_size") or DEFAULTS[kind]["batch_size"], n - n_val)
         return int(training["epochs"]) * math.ceil((n - n_val) / batch)
     if training.get("max_seconds") is not None:
         return None

@@ -39,7 +39,7 @@ def fit(kind: str, spec: dict[str, Any], training: dict[str, Any], *,
     """
     options = fit_options(kind, training)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.get("seed", DEFAULTS["seed"]))
+        torch.manual_seed(options.get("seed", DEFAULTS[kind]["seed"]))
         flow = nfcore.build(spec)
     flow = flow.to(device)
     common: dict[str, Any] = {

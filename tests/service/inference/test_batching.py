@@ -138,7 +138,7 @@ def test_full_queue_fails_fast_with_overloaded(flow: nfcore.Flow) -> None:
 
     async def main() -> None:
         with lock:
-            first = await taken(batcher, make_job("sample", 1, seed=0))
+            await taken(batcher, make_job("sample", 1, seed=0))
             batcher.submit(make_job("sample", 6, seed=1))
             with pytest.raises(Overloaded, match="6 rows already queued \\(limit 10\\)"):
                 batcher.submit(make_job("sample", 5, seed=2))
