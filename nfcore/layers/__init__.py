@@ -4,13 +4,13 @@ from .autoregressive import IAF, MAF, Autoregressive, NSFAutoregressive
 from .base import MADE, MLP, Layer
 from .coupling import AffineCoupling, Coupling, NSFCoupling
 from .elementwise import Affine, RationalQuadratic
-from .linear import ActNorm, LULinear, Permute, Standardize
+from .linear import ActNorm, LocScale, LULinear, Permute, Standardize
 from .planar import PLANAR_TOLERANCE, Planar, Radial
 
 __all__ = [
     "Layer", "MLP", "MADE", "Affine", "RationalQuadratic", "Coupling", "AffineCoupling",
     "NSFCoupling", "Autoregressive", "MAF", "IAF", "NSFAutoregressive", "Planar", "Radial",
-    "PLANAR_TOLERANCE", "LULinear", "ActNorm", "Permute", "Standardize", "LAYER_CLASSES",
+    "PLANAR_TOLERANCE", "LULinear", "ActNorm", "LocScale", "Permute", "Standardize", "LAYER_CLASSES",
 ]
 
 #: Spec ``type`` name -> layer class. Every class takes ``(dim, **hyper_parameters)``.
@@ -24,6 +24,7 @@ LAYER_CLASSES: dict[str, type[Layer]] = {
     "nsf_ar": NSFAutoregressive,
     "lu_linear": LULinear,
     "actnorm": ActNorm,
+    "loc_scale": LocScale,
     "permute": Permute,
     "standardize": Standardize,
 }
