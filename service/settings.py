@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     max_train_steps: int = Field(
         200_000, ge=1, description="Largest step budget of one job (a time budget alone has "
                                    "no step count, so this does not cap it).")
+    max_train_seconds: float = Field(
+        7 * 86_400.0, gt=0, description="Largest time budget of one job, in seconds.")
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules imported at start-up to register target plugins.")
 

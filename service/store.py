@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import nfcore
-from nfcore.artifact import ArtifactInfo, read_info
+from nfcore import ArtifactInfo, read_info
 
 from .errors import Conflict, InvalidInput, NotFound
 

@@ -3,7 +3,7 @@
 checkpoints; a Gaussian start taken from the target; and diagnostics that can say "do not trust
 this"."""
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
 from .density import fit_density
 from .diagnostics import THRESHOLDS, evaluate_target, verdict
 from .importance import importance_diagnostics, psis
@@ -16,5 +16,5 @@ __all__ = [
     "fit_density", "fit_target", "evaluate_target", "FitResult", "Progress", "TrainingDiverged",
     "MaximumLikelihood", "ReverseKL", "beta_schedule", "importance_diagnostics", "SCHEDULES",
     "DEFAULT_STEPS", "STARTS", "THRESHOLDS", "psis", "verdict", "pathfinder", "GaussianStart",
-    "save_checkpoint", "load_checkpoint",
+    "save_checkpoint", "load_checkpoint", "checkpoint_step",
 ]

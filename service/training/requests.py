@@ -209,6 +209,10 @@ def check_budget(kind: str, training: dict[str, Any], settings: Settings,
     if steps is not None and steps > settings.max_train_steps:
         raise InvalidInput(f"training: {steps} steps is over the limit of "
                            f"{settings.max_train_steps} (NFSERVE_MAX_TRAIN_STEPS)")
+    seconds = training.get("max_seconds")
+    if seconds is not None and seconds > settings.max_train_seconds:
+        raise InvalidInput(f"training: max_seconds {seconds:g} is over the limit of "
+                           f"{settings.max_train_seconds:g} (NFSERVE_MAX_TRAIN_SECONDS)")
     return steps
 
 

@@ -41,7 +41,7 @@ from sqlalchemy import select
 import nfcore
 from nfcore import targets
 from nfcore.errors import TrainingCancelled
-from nfcore.train.checkpoint import checkpoint_step
+from nfcore.train import checkpoint_step
 
 from ..settings import Settings
 from ..store import ModelStore

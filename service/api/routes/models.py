@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 import nfcore
-from nfcore.artifact import read_info
+from nfcore import read_info
 
 from ...errors import InvalidInput, NotFound
 from ...store import NAME_PATTERN, ModelNotFound, ModelStore

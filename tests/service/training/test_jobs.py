@@ -72,6 +72,7 @@ def density_job(dataset: str, steps: int = 40, name: str = "moons", **training) 
     ({"flow": {"preset": "maf", "dim": 3}}, "the data has 2 columns; the flow has dim 3"),
     ({"name": "no spaces allowed"}, "name"),
     ({"training": {"steps": 10**9}}, "over the limit"),
+    ({"training": {"max_seconds": 10**7}}, "NFSERVE_MAX_TRAIN_SECONDS"),
     ({"training": {"steps": 0}}, "training.steps"),
     ({"training": {"lr": -1}}, "training.lr"),
     ({"training": {"stepz": 5}}, "training.stepz"),
