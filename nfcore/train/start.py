@@ -4,9 +4,9 @@ lies at any location, scale or correlation without hand tuning.
 
 ``pathfinder`` runs L-BFGS on ``-log p~`` from the origin (or, when the origin is outside the
 target's support, from Stan-style uniform(-2, 2) draws), keeping every iterate. At some of them it
-forms the Laplace approximation ``N(x_k, H_k^{-1})`` from the exact Hessian (made positive definite:
-negative curvature flipped, tiny curvature floored), scores each with the same draws, and returns
-the best, next to ``N(0, I)``, the flow's own starting point: the highest lower confidence bound on
+forms the Gaussian approximation ``N(x_k + H_k^{-1} grad log p~(x_k), H_k^{-1})`` from the exact
+Hessian (made positive definite: negative curvature flipped, tiny curvature floored), scores each
+with the same draws, and returns the best, next to ``N(0, I)``, the flow's own starting point: the highest lower confidence bound on
 the importance-sampling estimate of ``log Z`` (see ``pathfinder``). Choosing by a
 score rather than taking the mode keeps a funnel or a ring from drawing the start to a degenerate
 point.
@@ -131,9 +131,11 @@ def _lbfgs_path(log_p: Callable[[Tensor], Tensor], x0: Tensor, max_iterations: i
     return path, values
 
 
-def _laplace(log_p: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(factor, log|det factor|)`` of ``N(x, H^{-1})`` with ``H`` the Hessian of ``-log p~`` made
-    positive definite; ``factor @ factor.T == H^{-1}``."""
+def _laplace(log_p: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor, float] | None:
+    """``(mean, factor, log|det factor|)`` of the Gaussian approximation at ``x``: covariance
+    ``H^{-1}`` (``factor @ factor.T``), ``H`` the Hessian of ``-log p~`` made positive definite, and
+    mean ``x + H^{-1} grad log p~(x)``, Pathfinder's, one Newton step on from ``x``: the mode itself
+    for a Gaussian target, wherever along the path ``x`` is."""
     def f(v: Tensor) -> Tensor:
         return -log_p(v[None])[0]
 
@@ -144,7 +146,12 @@ def _laplace(log_p: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tens
             h = torch.autograd.functional.hessian(f, x)
         except RuntimeError:
             return None
-    if not torch.isfinite(h).all():
+    v = x.clone().requires_grad_(True)
+    try:
+        (grad,) = torch.autograd.grad(log_p(v[None])[0], v)
+    except RuntimeError:
+        return None
+    if not (torch.isfinite(h).all() and torch.isfinite(grad).all()):
         return None
     lam, vec = torch.linalg.eigh(0.5 * (h + h.T))
     lam = lam.abs()
@@ -153,7 +160,8 @@ def _laplace(log_p: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tens
         return None
     lam = lam.clamp(min=1e-14 * top)  # float64's eigh resolves about 1e-15 of the largest
     factor = vec * lam.rsqrt()
-    return factor, float(-0.5 * lam.log().sum())
+    mean = x + factor @ (factor.T @ grad)
+    return mean, factor, float(-0.5 * lam.log().sum())
 
 
 def pathfinder(
@@ -239,10 +247,10 @@ def pathfinder(
         laplace = _laplace(log_p, path[i])
         if laplace is None:
             continue
-        factor, logdet = laplace
-        value = score(path[i], factor, logdet)
+        mean, factor, logdet = laplace
+        value = score(mean, factor, logdet)
         if value[0] > best[0]:
-            best, best_mean, best_factor, chosen = value, path[i], factor, i
+            best, best_mean, best_factor, chosen = value, mean, factor, i
     finite_values = [v for v in values if math.isfinite(v)]
     info = {"method": "pathfinder", "iterations": n - 1, "candidates": tried,
             "chosen": "N(0, I)" if chosen < 0 else f"iterate {chosen} of {n - 1}",

@@ -91,7 +91,7 @@ def test_pathfinder_finds_location_scale_and_correlation_exactly_for_a_gaussian(
     np.testing.assert_allclose(np.sqrt(np.diag(cov)), SD, rtol=1e-6)
     np.testing.assert_allclose(cov / np.outer(SD, SD), CORR, atol=1e-6)
     x = gaussian_samples(start, 500).numpy()
-    np.testing.assert_allclose(x.mean(0), MEAN, rtol=0, atol=1e-9 * 1000)
+    np.testing.assert_allclose(x.mean(0), start.mean.numpy(), rtol=1e-12)
     np.testing.assert_allclose(np.cov(x.T), cov, rtol=1e-6)
 
 
@@ -145,11 +145,11 @@ def test_diagnostics_are_in_the_summary_with_every_field():
 
 @pytest.mark.parametrize(("change", "expected", "words"), [
     ({}, "ok", None),
-    ({"pareto_k": 0.8, "max_weight": 50.0}, "check", "Pareto"),  # the tail is rare: ESS 90 %
+    ({"pareto_k": 0.8, "max_weight": 50.0}, "check", "Pareto"),  # the tail is rare: ESS 95 %
     ({"pareto_k": 0.8, "max_weight": 50.0, "ess_fraction": 0.5}, "unreliable", "Pareto"),
     ({"pareto_k": 0.8, "max_weight": 1.01}, "ok", None),  # flat weights: k-hat has nothing to weigh
-    ({"ess_fraction": 0.1}, "check", "ESS"),
-    ({"ess_fraction": 0.01}, "unreliable", "ESS"),
+    ({"ess_fraction": 0.56}, "check", "off by up to 0.89 sd"),
+    ({"ess_fraction": 0.05}, "unreliable", "ESS"),
     ({"tail_fraction": 0.005}, "check", "identity tails"),
     ({"tail_fraction": 0.05}, "unreliable", "identity tails"),
     ({"missing_mass": 0.1}, "check", "misses about 10%"),
@@ -157,7 +157,7 @@ def test_diagnostics_are_in_the_summary_with_every_field():
     ({"outside_support": 0.001}, "check", "density is zero"),
 ])
 def test_verdict_thresholds(change, expected, words):
-    good = {"pareto_k": 0.3, "max_weight": 3.0, "ess_fraction": 0.9, "tail_fraction": 0.0,
+    good = {"pareto_k": 0.3, "max_weight": 3.0, "ess_fraction": 0.95, "tail_fraction": 0.0,
             "missing_mass": 0.0, "outside_support": 0.0}
     level, reasons = verdict({**good, **change})
     assert level == expected

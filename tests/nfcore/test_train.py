@@ -348,13 +348,15 @@ def test_summary_goes_into_the_artifact(tmp_path: Path):
 
 # --------------------------------------------------------------------------- budgets
 def test_a_time_budget_alone_trains_until_the_time_is_up_and_anneals_over_it():
-    for fit in (lambda f: nfcore.fit_density(f, _data(300), max_seconds=1.0, patience=None),
-                lambda f: nfcore.fit_target(f, "U1", max_seconds=1.0, ess_samples=500,
+    for fit in (lambda f: nfcore.fit_density(f, _data(300), max_seconds=2.0, patience=None),
+                lambda f: nfcore.fit_target(f, "U1", max_seconds=2.0, ess_samples=500,
                                             start="none")):
         result = fit(_flow())
         s = result.summary
         assert s["stopped_reason"] == "max_seconds" and s["total_steps"] is None
-        assert s["max_seconds"] == 1.0 and s["steps"] > 0 and s["duration_s"] >= 1.0
+        assert s["max_seconds"] == 2.0 and s["steps"] > 0
+        # The whole fit (for a target: training and the closing diagnostics) fills the budget.
+        assert s["wall_s"] >= 0.95 * 2.0
         # The cosine followed the clock: by the last record the learning rate has decayed.
         assert result.history[-1]["lr"] < 0.05 * s["lr"]
 
