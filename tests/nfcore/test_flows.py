@@ -7,7 +7,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 import nfcore
-from tests.nfcore.conftest import CASES, CONDITIONAL_TYPES, PRESETS, make_flow
+from tests.nfcore.conftest import CASES, CNF_TOLERANCE, CONDITIONAL_TYPES, PRESETS, SOLVED, make_flow, tolerance
 
 
 def _points(n: int, dim: int, seed: int = 1, scale: float = 1.5) -> torch.Tensor:
@@ -31,13 +31,13 @@ def test_inverse_undoes_forward_both_ways(case):
     with torch.no_grad():
         z, ladj = flow.transform(x)
         x_back, log_q = flow.sample_from_noise(z)
-        assert torch.allclose(x_back, x, atol=1e-6, rtol=0)
+        assert torch.allclose(x_back, x, atol=tolerance(case), rtol=0)
         # and the other way: latent -> data -> latent
         x2, _ = flow.sample_from_noise(x)
         z2, _ = flow.transform(x2)
-        assert torch.allclose(z2, x, atol=1e-6, rtol=0)
+        assert torch.allclose(z2, x, atol=tolerance(case), rtol=0)
         # the two directions' log-dets agree: log q(x) = log N(z) + ladj
-        assert torch.allclose(log_q, flow.base_log_prob(z) + ladj, atol=1e-6, rtol=0)
+        assert torch.allclose(log_q, flow.base_log_prob(z) + ladj, atol=tolerance(case), rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -52,13 +52,13 @@ def test_log_det_matches_autograd_jacobian(case):
 
         _, ladj = flow.transform(x[None])
         expected = torch.linalg.slogdet(jacobian(fwd, x))[1]
-        assert abs(ladj.item() - expected.item()) < 1e-6, (ladj.item(), expected.item())
+        assert abs(ladj.item() - expected.item()) < tolerance(case), (ladj.item(), expected.item())
 
         z = x
         x_of_z, log_q = flow.sample_from_noise(z[None])
         ladj_inv = flow.base_log_prob(z[None]) - log_q  # log|det dx/dz|
         expected_inv = torch.linalg.slogdet(jacobian(inv, z))[1]
-        assert abs(ladj_inv.item() - expected_inv.item()) < 1e-6
+        assert abs(ladj_inv.item() - expected_inv.item()) < tolerance(case)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -66,7 +66,7 @@ def test_sample_and_log_prob_agrees_with_log_prob(case):
     flow = make_flow(case)
     x, log_q = flow.sample_and_log_prob(200, generator=torch.Generator().manual_seed(3))
     assert x.shape == (200, 3) and log_q.shape == (200,)
-    assert torch.allclose(flow.log_prob(x), log_q, atol=1e-6, rtol=0)
+    assert torch.allclose(flow.log_prob(x), log_q, atol=tolerance(case), rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -107,8 +107,12 @@ def test_fixed_layers_have_no_trainable_parameters(case):
 def test_random_2d_flow_integrates_to_one(case):
     # A gentler perturbation than elsewhere: stacked random affine layers otherwise put mass at
     # |x| ~ 1e4, which no grid resolves; the property itself is tested on non-trivial flows.
-    flow = make_flow(case, dim=2, seed=5, scale=0.1)
-    lim, n = 12.0, 801
+    # Flows that solve numerically get a coarser grid, and a CNF a looser tolerance, for speed:
+    # at this scale their densities are smooth and close to the base, which 301 points resolve.
+    solved = any(kind in case for kind in SOLVED)
+    flow = make_flow(case, dim=2, seed=5, scale=0.1,
+                     **({"ode": {"rtol": 1e-6, "atol": 1e-7}} if "cnf" in case else {}))
+    lim, n = (10.0, 301) if solved else (12.0, 801)
     t = torch.linspace(-lim, lim, n, dtype=torch.float64)
     grid = torch.cartesian_prod(t, t)
     with torch.no_grad():
@@ -140,8 +144,8 @@ def test_context_changes_the_output(kind):
         spec = {"preset": kind, "dim": 3, "context_dim": 2, "dtype": "float64",
                 "transforms": 2, "hidden": [16]}
     else:
-        spec = {"dim": 3, "context_dim": 2, "dtype": "float64",
-                "layers": [{"type": kind, "hidden": [16]}]}
+        layer = {"type": kind, "hidden": [16], **(CNF_TOLERANCE if kind == "cnf" else {})}
+        spec = {"dim": 3, "context_dim": 2, "dtype": "float64", "layers": [layer]}
     flow = nfcore.build(spec)
     x = _points(10, 3)
     c1, c2 = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
@@ -153,7 +157,7 @@ def test_context_changes_the_output(kind):
     # conditional sampling and scoring agree, with a per-row context too
     ctx = torch.randn(6, 2, dtype=torch.float64)
     xs, log_q = flow.sample_and_log_prob(6, context=ctx)
-    assert torch.allclose(flow.log_prob(xs, context=ctx), log_q, atol=1e-6)
+    assert torch.allclose(flow.log_prob(xs, context=ctx), log_q, atol=tolerance(kind))
 
 
 def test_conditional_flow_is_normalized_for_each_context():
