@@ -159,19 +159,19 @@ class Sylvester(Layer):
         u, ut, rd, rtd, b = self._params(context)
         y = x @ q
         w = self._solve(y.detach(), u.detach(), ut.detach(), rd.detach(), rtd.detach(), b.detach())
-        # One differentiable Newton step on the whole system: same value, implicit gradients.
         a = w @ ut.T + rtd * w + b
-        h = torch.tanh(a)
-        residual = w + h @ u.T + rd * h - y
-        m = self.rank
-        diag = (1.0 - h * h)
-        eye = torch.eye(m, dtype=x.dtype, device=x.device)
-        # dF/dw = I + R diag(h') R~, upper triangular: (N, M, M).
-        r_full = u + torch.diag_embed(rd.expand(x.shape[0], m))
-        rt_full = ut + torch.diag_embed(rtd.expand(x.shape[0], m))
-        jac = eye + r_full * diag[:, None, :] @ rt_full
-        w = w - torch.linalg.solve_triangular(jac, residual[..., None], upper=True)[..., 0]
-        a = w @ ut.T + rtd * w + b
+        if torch.is_grad_enabled() and (y.requires_grad or a.requires_grad):
+            # One differentiable Newton step on the whole system: same value, implicit gradients.
+            h = torch.tanh(a)
+            residual = w + h @ u.T + rd * h - y
+            m = self.rank
+            eye = torch.eye(m, dtype=x.dtype, device=x.device)
+            # dF/dw = I + R diag(h') R~, upper triangular: (N, M, M).
+            r_full = u + torch.diag_embed(rd.expand(x.shape[0], m))
+            rt_full = ut + torch.diag_embed(rtd.expand(x.shape[0], m))
+            jac = eye + r_full * (1.0 - h * h)[:, None, :] @ rt_full
+            w = w - torch.linalg.solve_triangular(jac, residual[..., None], upper=True)[..., 0]
+            a = w @ ut.T + rtd * w + b
         h = torch.tanh(a)
         z = x - y @ q.T + w @ q.T
         return z, -torch.log1p((1.0 - h * h) * rd * rtd).sum(-1)

@@ -1,4 +1,5 @@
-"""``fit_density``: maximum likelihood on data, with a validation split and early stopping."""
+"""``fit_density``: maximum likelihood (or flow matching) on data, with a validation split and
+early stopping."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from torch import Tensor
 from ..errors import ShapeError
 from ..flow import Flow
 from .checkpoint import clone_state
+from .flow_matching import density_loss
 from .loop import FitResult, Loop, Progress, check_common, finite_or_none, generator
-from .losses import MaximumLikelihood
 
 __all__ = ["fit_density", "split"]
 
@@ -89,8 +90,10 @@ def fit_density(
     checkpoint_every_s: float = 5.0,
     resume: bool = True,
     init_knots: bool = True,
+    loss: Any = None,
 ) -> FitResult:
-    """Fit ``flow`` to ``data`` (shape ``(N, dim)``) by maximum likelihood, in place.
+    """Fit ``flow`` to ``data`` (shape ``(N, dim)``) by maximum likelihood, or a CNF by flow
+    matching, in place.
 
     The data are split (by ``seed``) into training and validation rows; ``flow.initialize`` fits the
     ``standardize``/``actnorm`` layers to the training rows first, so ``log_prob`` stays in data units,
@@ -118,6 +121,10 @@ def fit_density(
             seconds and at the end; with ``resume=True`` an existing one is continued.
         init_knots: set the spline layers' knots from the data before training (see
             ``Flow.initialize``); False keeps the flow's own, e.g. to go on from a trained flow.
+        loss: ``"likelihood"`` (maximum likelihood), ``"flow_matching"`` (for a flow ending in a
+            ``cnf`` layer; see ``nfcore.train.FlowMatching``, whose instances are accepted too)
+            or ``None``: flow matching for such a flow, maximum likelihood otherwise. The
+            validation loss is the held-out negative log-likelihood either way.
 
     Returns:
         A ``FitResult``; ``summary["val_loss"]`` is the best validation mean negative log-likelihood.
@@ -176,6 +183,7 @@ def fit_density(
             raise ValueError(f"Expected steps to be a positive integer; got {steps!r}")
     every = validate_every or min(max(per_epoch, 20), 100)
 
+    loss_fn, loss_name = density_loss(flow, loss)
     flow.initialize(x_train, c_train, knots=init_knots)
     loop = Loop(flow, total=total, lr=lr, weight_decay=weight_decay, schedule=schedule,
                 clip_grad_norm=clip_grad_norm, max_seconds=max_seconds, callback=callback,
@@ -185,7 +193,8 @@ def fit_density(
                              "total": total, "batch": batch, "lr": lr, "wd": weight_decay,
                              "schedule": schedule, "clip": clip_grad_norm, "val": n_val,
                              "every": every, "patience": patience, "seed": seed,
-                             "max_seconds": max_seconds, "init_knots": init_knots})
+                             "max_seconds": max_seconds, "init_knots": init_knots,
+                             "loss": loss_name})
     extra = loop.extra
     extra.setdefault("best_val", None)
     extra.setdefault("best_step", 0)
@@ -194,7 +203,6 @@ def fit_density(
     extra.setdefault("loss_count", 0)
     if n_val and "best" not in {k.split(".", 1)[0] for k in loop.extra_tensors}:
         loop.extra_tensors = {f"best.{k}": v for k, v in clone_state(flow).items()}
-    loss_fn = MaximumLikelihood()
     flow.train()
     reason: str | None = None
     perm: Tensor | None = None
@@ -212,7 +220,8 @@ def fit_density(
                 perm = torch.randperm(n_train, generator=generator(seed, 1, epoch)).to(x.device)
                 perm_epoch = epoch
             idx = perm[i * batch : (i + 1) * batch]
-            loss = loss_fn(flow, x_train[idx], None if c_train is None else c_train[idx])
+            loss = loss_fn(flow, x_train[idx], None if c_train is None else c_train[idx],
+                           generator(seed, 4, loop.step))
             if loop.update(loss):
                 extra["loss_sum"] += float(loss.detach())
                 extra["loss_count"] += 1
@@ -242,6 +251,7 @@ def fit_density(
     last = loop.history[-1] if loop.history else {}
     summary = {
         "objective": "density",
+        "loss_function": loss_name,
         "data_shape": [n, flow.dim],
         "train_rows": n_train,
         "validation_rows": n_val,
