@@ -63,6 +63,29 @@ def _activation(name: str):
     return f
 
 
+def _activation_into(name: str):
+    """``(a, d) -> None``: the activation written over ``a`` and its derivative into ``d``, with
+    no allocation (``None`` for activations without such a form). For solves without autograd,
+    where fresh (page-faulted) buffers would cost more than the arithmetic at served batch sizes."""
+    if name == "elu":
+        def g(a, d, tmp):
+            torch.clamp(a, max=0.0, out=d).exp_()  # elu': exp(min(a, 0))
+            a.clamp_(min=0.0).add_(d).sub_(1.0)  # elu: max(a, 0) + exp(min(a, 0)) - 1
+    elif name == "silu":
+        def g(a, d, tmp):
+            torch.sigmoid(a, out=d)
+            a.mul_(d)  # y = a s
+            torch.mul(a, d, out=tmp)
+            d.add_(a).sub_(tmp)  # s (1 + a (1 - s)) = s + y - y s
+    elif name == "tanh":
+        def g(a, d, tmp):
+            a.tanh_()
+            torch.mul(a, a, out=d).neg_().add_(1.0)
+    else:
+        return None
+    return g
+
+
 class VectorField(nn.Module):
     """The time-conditioned MLP ``v(t, x, c)`` with its exact divergence.
 
@@ -80,6 +103,7 @@ class VectorField(nn.Module):
                                                                  strict=True))
         self.activation = activation
         self._act = _activation(activation)
+        self._act_into = _activation_into(activation)
 
     def embed(self, t: Tensor) -> Tensor:
         """Time features, shape ``t.shape + (1 + 2 freqs,)``."""
@@ -112,16 +136,49 @@ class VectorField(nn.Module):
             trace_vec = (w1x * weights[1].T).sum(1)
         elif probe is None and depth == 2:
             trace_mat = (weights[1] * (w1x @ weights[2]).T).T  # (h1, h2)
-        act = self._act
+        act, act_into = self._act, self._act_into
+        workspace: dict[tuple[str, int], Tensor] = {}
+
+        def buffer(kind: str, layer: int, n: int, width: int, like: Tensor) -> Tensor:
+            b = workspace.get((kind, layer))
+            if b is None or b.shape != (n, width):
+                b = workspace[kind, layer] = like.new_empty(n, width)
+            return b
+
+        def f_into(t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+            """``f`` without autograd, its hidden layers in buffers reused across evaluations."""
+            n = x.shape[0]
+            shift = first + self.embed(t.to(x.dtype)) @ w1t.T
+            derivatives, h = [], x
+            for i, (w, b) in enumerate(zip(weights[:-1], biases[:-1], strict=True)):
+                a = buffer("a", i, n, w.shape[0], x)
+                torch.matmul(h, (w1x if i == 0 else w).T, out=a).add_(shift if i == 0 else b)
+                dl = buffer("d", i, n, w.shape[0], x)
+                act_into(a, dl, buffer("t", i, n, w.shape[0], x))
+                derivatives.append(dl)
+                h = a
+            v = (h @ weights[-1].T).add_(biases[-1])
+            if depth == 1:
+                return v, derivatives[0] @ trace_vec
+            if depth == 2:
+                tr = buffer("tr", 0, n, trace_mat.shape[1], x)
+                return v, torch.matmul(derivatives[0], trace_mat, out=tr).mul_(
+                    derivatives[1]).sum(-1)
+            j = derivatives[0][:, :, None] * w1x
+            for w, dl in zip(weights[1:-1], derivatives[1:], strict=True):
+                j = dl[:, :, None] * (w @ j)
+            return v, torch.einsum("ik,nki->n", weights[-1], j)
 
         def f(t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-            a = x @ w1x.T + first + self.embed(t.to(x.dtype)) @ w1t.T
-            h, d1 = act(a)
+            if probe is None and act_into is not None and not torch.is_grad_enabled():
+                return f_into(t, x)
+            shift = first + self.embed(t.to(x.dtype)) @ w1t.T
+            h, d1 = act((x @ w1x.T).add_(shift))
             derivatives = [d1]
             for w, b in zip(weights[1:-1], biases[1:-1], strict=True):
-                h, dl = act(h @ w.T + b)
+                h, dl = act((h @ w.T).add_(b))
                 derivatives.append(dl)
-            v = h @ weights[-1].T + biases[-1]
+            v = (h @ weights[-1].T).add_(biases[-1])
             if probe is not None:
                 u = probe
                 for w, dl in zip(weights[:-1], derivatives, strict=True):
@@ -130,7 +187,7 @@ class VectorField(nn.Module):
             elif depth == 1:
                 div = d1 @ trace_vec
             elif depth == 2:
-                div = ((d1 @ trace_mat) * derivatives[1]).sum(-1)
+                div = torch.linalg.vecdot(d1 @ trace_mat, derivatives[1])
             else:
                 j = derivatives[0][:, :, None] * w1x
                 for w, dl in zip(weights[1:-1], derivatives[1:], strict=True):

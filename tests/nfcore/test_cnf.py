@@ -31,6 +31,9 @@ def test_divergence_is_the_trace_of_the_jacobian(hidden, activation):
                        x[i])
         assert torch.allclose(div[i], torch.trace(jac), atol=1e-12)
     assert torch.allclose(v, layer.field.velocity(t.expand(4), x, ctx), atol=1e-12)
+    with torch.no_grad():  # the allocation-free path that solves without autograd take
+        v2, div2 = layer.field.dynamics(ctx, None)(t, x)
+    assert torch.allclose(v2, v, atol=1e-12) and torch.allclose(div2, div, atol=1e-12)
 
 
 def test_hutchinson_estimate_is_unbiased_and_used_only_to_train_above_exact_dim():
