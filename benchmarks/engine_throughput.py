@@ -5,7 +5,7 @@ Presets nsf (coupling), maf and realnvp at dim 2 and 10, 5 transforms, hidden [6
 RealNVP. Also the sampling-fast presets (nfcore nsf coupling and iaf) against zuko's autoregressive
 NSF at dim 10, the target being at least 50x.
 
-The solver-based families, at ``--solver-batch`` rows (default 10 000): nfcore's ``cnf`` next to
+The solver-based families, at ``--solver-batch`` rows (default 1 000 and 10 000): nfcore's ``cnf`` next to
 zuko's ``CNF`` (both a [64, 64] ELU vector field, rtol 1e-5 and atol 1e-6, zuko's defaults; the goal
 is at least 3x zuko's log_prob rate at dim 2 and 10), and nfcore's ``resflow`` next to normflows'
 residual flow (5 residual blocks with ActNorm, Lipschitz MLPs [64, 64]). The CNF rows also count
@@ -109,68 +109,76 @@ def _count_module_calls(module: torch.nn.Module) -> list[int]:
     return count
 
 
-def solver_rows(batch: int, repeats: int) -> tuple[list, list]:
-    import normflows as nf
+def cnf_row(batch: int, dim: int, repeats: int) -> list:
     import zuko
 
-    cnf_rows, res_rows = [], []
-    for dim in (2, 10):
-        torch.manual_seed(0)
-        ours = nfcore.build({"preset": "cnf", "dim": dim, "hidden": HIDDEN, "activation": "elu",
-                             **CNF_TOL})
-        torch.manual_seed(0)
-        theirs = zuko.flows.CNF(dim, hidden_features=HIDDEN, **CNF_TOL)
-        x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
-        n_ours, n_theirs = _count_nfcore_evaluations(ours), _count_module_calls(theirs.transform.ode)
-        with torch.inference_mode():
-            ours.log_prob(x)
-            nfe_ours = n_ours[0]
-            lp = rows_per_second(lambda ours=ours, x=x: ours.log_prob(x), batch, repeats)
-            sp = rows_per_second(lambda ours=ours: ours.sample_and_log_prob(batch), batch, repeats)
-        # zuko's divergence takes autograd inside the solve, which inference mode forbids.
-        with torch.no_grad():
-            dist = theirs()
-            n_theirs[0] = 0
-            dist.log_prob(x)
-            nfe_theirs = n_theirs[0]
-            zlp = rows_per_second(lambda dist=dist, x=x: dist.log_prob(x), batch, repeats)
-            zsp = rows_per_second(lambda dist=dist: dist.rsample_and_log_prob((batch,)), batch, repeats)
-        row = [dim, lp, zlp, lp / zlp, sp, zsp, sp / zsp, f"{nfe_ours} / {nfe_theirs}"]
-        cnf_rows.append(row)
-        print(markdown_table(CNF_HEADERS, [row]).splitlines()[-1], flush=True)
+    torch.manual_seed(0)
+    ours = nfcore.build({"preset": "cnf", "dim": dim, "hidden": HIDDEN, "activation": "elu",
+                         **CNF_TOL})
+    torch.manual_seed(0)
+    theirs = zuko.flows.CNF(dim, hidden_features=HIDDEN, **CNF_TOL)
+    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
+    n_ours, n_theirs = _count_nfcore_evaluations(ours), _count_module_calls(theirs.transform.ode)
+    with torch.inference_mode():
+        ours.log_prob(x)
+        nfe_ours = n_ours[0]
+        lp = rows_per_second(lambda: ours.log_prob(x), batch, repeats)
+        sp = rows_per_second(lambda: ours.sample_and_log_prob(batch), batch, repeats)
+    # zuko's divergence takes autograd inside the solve, which inference mode forbids.
+    with torch.no_grad():
+        dist = theirs()
+        n_theirs[0] = 0
+        dist.log_prob(x)
+        nfe_theirs = n_theirs[0]
+        zlp = rows_per_second(lambda: dist.log_prob(x), batch, repeats)
+        zsp = rows_per_second(lambda: dist.rsample_and_log_prob((batch,)), batch, repeats)
+    return [batch, dim, lp, zlp, lp / zlp, sp, zsp, sp / zsp, f"{nfe_ours} / {nfe_theirs}"]
 
-        torch.manual_seed(0)
-        ours = nfcore.build({"preset": "resflow", "dim": dim, "transforms": TRANSFORMS,
-                             "hidden": HIDDEN})
-        torch.manual_seed(0)
-        blocks = []
-        for _ in range(TRANSFORMS):
-            net = nf.nets.LipschitzMLP([dim, *HIDDEN, dim], init_zeros=True, lipschitz_const=0.97)
-            blocks += [nf.flows.Residual(net, reduce_memory=True), nf.flows.ActNorm(dim)]
-        theirs = nf.NormalizingFlow(nf.distributions.DiagGaussian(dim), blocks).train(False)
-        with torch.no_grad():
-            theirs.sample(16)  # ActNorm's data-dependent initialisation
-            xs = theirs.sample(batch)[0]
-            lp = rows_per_second(lambda ours=ours, xs=xs: ours.log_prob(xs), batch, repeats)
-            sp = rows_per_second(lambda ours=ours: ours.sample_and_log_prob(batch), batch, repeats)
-            nlp = rows_per_second(lambda theirs=theirs, xs=xs: theirs.log_prob(xs), batch, repeats)
-            nsp = rows_per_second(lambda theirs=theirs: theirs.sample(batch), batch, repeats)
-        row = [dim, lp, nlp, lp / nlp, sp, nsp, sp / nsp]
-        res_rows.append(row)
-        print(markdown_table(RES_HEADERS, [row]).splitlines()[-1], flush=True)
+
+def resflow_row(batch: int, dim: int, repeats: int) -> list:
+    import normflows as nf
+
+    torch.manual_seed(0)
+    ours = nfcore.build({"preset": "resflow", "dim": dim, "transforms": TRANSFORMS,
+                         "hidden": HIDDEN})
+    torch.manual_seed(0)
+    blocks = []
+    for _ in range(TRANSFORMS):
+        net = nf.nets.LipschitzMLP([dim, *HIDDEN, dim], init_zeros=True, lipschitz_const=0.97)
+        blocks += [nf.flows.Residual(net, reduce_memory=True), nf.flows.ActNorm(dim)]
+    theirs = nf.NormalizingFlow(nf.distributions.DiagGaussian(dim), blocks).train(False)
+    with torch.no_grad():
+        theirs.sample(16)  # ActNorm's data-dependent initialisation
+        xs = theirs.sample(batch)[0]
+        lp = rows_per_second(lambda: ours.log_prob(xs), batch, repeats)
+        sp = rows_per_second(lambda: ours.sample_and_log_prob(batch), batch, repeats)
+        nlp = rows_per_second(lambda: theirs.log_prob(xs), batch, repeats)
+        nsp = rows_per_second(lambda: theirs.sample(batch), batch, repeats)
+    return [batch, dim, lp, nlp, lp / nlp, sp, nsp, sp / nsp]
+
+
+def solver_rows(batches: list[int], repeats: int) -> tuple[list, list]:
+    cnf_rows, res_rows = [], []
+    for batch in batches:
+        for dim in (2, 10):
+            cnf_rows.append(cnf_row(batch, dim, repeats))
+            print(markdown_table(CNF_HEADERS, cnf_rows[-1:]).splitlines()[-1], flush=True)
+            res_rows.append(resflow_row(batch, dim, repeats))
+            print(markdown_table(RES_HEADERS, res_rows[-1:]).splitlines()[-1], flush=True)
     return cnf_rows, res_rows
 
 
-CNF_HEADERS = ["dim", "nfcore cnf log_prob", "zuko CNF log_prob", "ratio", "nfcore cnf sample",
+CNF_HEADERS = ["batch", "dim", "nfcore cnf log_prob", "zuko CNF log_prob", "ratio", "nfcore cnf sample",
                "zuko CNF sample", "ratio", "evaluations per log_prob (nfcore / zuko)"]
-RES_HEADERS = ["dim", "nfcore resflow log_prob", "normflows log_prob", "ratio",
+RES_HEADERS = ["batch", "dim", "nfcore resflow log_prob", "normflows log_prob", "ratio",
                "nfcore resflow sample", "normflows sample", "ratio"]
 
 
-def solver_body(cnf_rows: list, res_rows: list, batch: int, repeats: int) -> str:
-    met = all(row[3] >= 3 for row in cnf_rows)
+def solver_body(cnf_rows: list, res_rows: list, repeats: int) -> str:
+    met = all(row[4] >= 3 for row in cnf_rows)
     return (
-        f"Batch {batch:,} rows, float32, median of {repeats} runs after a warm-up, rows/s.\n\n"
+        f"float32, median of {repeats} runs after a warm-up, rows/s, at two batch sizes: "
+        "1,000 rows (a served batch) and 10,000.\n\n"
         "## nfcore cnf next to zuko CNF\n\n"
         f"Both: vector field MLP {HIDDEN} with ELU, rtol {CNF_TOL['rtol']:g}, atol "
         f"{CNF_TOL['atol']:g}, exact divergence, Dormand-Prince 5(4). nfcore: torchdiffeq's "
@@ -196,7 +204,7 @@ def solver_body(cnf_rows: list, res_rows: list, batch: int, repeats: int) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=100_000)
-    parser.add_argument("--solver-batch", type=int, default=10_000)
+    parser.add_argument("--solver-batch", type=int, nargs="+", default=[1000, 10_000])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--only", choices=["solvers"], default=None,
@@ -208,14 +216,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     cnf_rows, res_rows = solver_rows(args.solver_batch, repeats)
-    solvers = solver_body(cnf_rows, res_rows, args.solver_batch, repeats)
+    solvers = solver_body(cnf_rows, res_rows, repeats)
     if args.only == "solvers":
         print(solvers)
         path = write_result("engine_throughput_solvers",
                             "Engine throughput of the solver-based families: nfcore vs zuko and "
                             "normflows", solvers,
                             f"python benchmarks/engine_throughput.py --only solvers "
-                            f"--solver-batch {args.solver_batch} --repeats {repeats} "
+                            f"--solver-batch {' '.join(map(str, args.solver_batch))} "
+                            f"--repeats {repeats} "
                             f"--threads {torch.get_num_threads()}")
         print(f"\nwrote {path}")
         return
