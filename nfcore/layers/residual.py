@@ -152,11 +152,13 @@ class LipschitzMLP(nn.Module):
 
     @staticmethod
     def jacobian(weights: list[tuple[Tensor, Tensor]], derivatives: list[Tensor]) -> Tensor:
-        """The full Jacobian ``dg/dx``, shape ``(N, dim, dim)``, in one forward-mode pass."""
-        j = derivatives[0][:, :, None] * weights[0][0]
+        """The transposed Jacobian ``(dg/dx)^T``, shape ``(N, dim, dim)``, in one forward-mode
+        pass. Transposed, each layer is one matrix product over ``N * dim`` rows (not a batch of
+        small ones), which matters most for the backward pass; determinants do not mind."""
+        jt = weights[0][0].T * derivatives[0][:, None, :]
         for (w, _), d in zip(weights[1:-1], derivatives[1:], strict=True):
-            j = d[:, :, None] * (w @ j)
-        return weights[-1][0] @ j
+            jt = (jt @ w.T) * d[:, None, :]
+        return jt @ weights[-1][0].T
 
 
 class Residual(Layer):

@@ -29,7 +29,13 @@ def test_g_is_contractive_with_the_stated_bound():
     layer = _layer(lipschitz=0.9)
     weights = layer.g.weights()
     _, derivatives = layer.g.evaluate(_x(256, 3), None, weights)
-    jac = LipschitzMLP.jacobian(weights, derivatives)
+    jac = LipschitzMLP.jacobian(weights, derivatives).mT
+    x = _x(4, 3)
+    for point, j in zip(x, LipschitzMLP.jacobian(weights, layer.g.evaluate(x, None, weights)[1]),
+                        strict=True):
+        expected = torch.autograd.functional.jacobian(
+            lambda v: layer.g.evaluate(v[None], None, weights)[0][0], point)
+        assert torch.allclose(j.T, expected, atol=1e-12)
     norms = torch.linalg.matrix_norm(jac, ord=2)
     assert norms.max() <= 0.9 + 1e-12
     for lin, (w, _) in zip(layer.g.linears, weights, strict=True):  # the bound binds each map
