@@ -24,7 +24,9 @@ in the same run, as the reference. All three get the same split, validation rows
 schedule and ``--max-seconds`` of wall clock (their step cap, ``--solver-steps``, is set so that
 the clock binds). The peers' held-out log-likelihood is exact: zuko's CNF integrates the exact
 divergence; normflows' residual flow is scored with the full Jacobian of its data-to-latent map
-by autograd (its own ``log_prob`` is a stochastic estimate above two dimensions). Writes
+by autograd (its own ``log_prob`` is a stochastic estimate above two dimensions). On the 2-D sets
+both residual flows' densities are also integrated over a grid (``mass``): 1 for a normalised
+density. Writes
 ``benchmarks/results/density_cnf.md`` or ``density_resflow.md``.
 """
 
@@ -104,6 +106,17 @@ def exact_normflows_log_prob(model, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+@torch.no_grad()
+def grid_mass(log_prob, lim: float = 8.0, n: int = 401) -> float:
+    """The integral of a 2-D density over ``[-lim, lim]^2`` (trapezoid rule on an n x n grid):
+    1 for a normalised density whose mass lies in the box."""
+    t = torch.linspace(-lim, lim, n)
+    grid = torch.cartesian_prod(t, t)
+    p = torch.cat([log_prob(grid[i : i + 20_000]).exp() for i in range(0, len(grid), 20_000)])
+    h = 2 * lim / (n - 1)
+    return float(torch.trapezoid(torch.trapezoid(p.reshape(n, n), dx=h, dim=1), dx=h))
+
+
 def fit_zuko(train: np.ndarray, args, make=zuko_nsf) -> tuple[object, torch.Tensor, torch.Tensor,
                                                               dict]:
     """A peer with nfcore's protocol written out: same split, schedule, clipping, early stop.
@@ -173,6 +186,7 @@ def run_one(task: tuple) -> dict:
     cut = int(0.8 * len(data))
     train, test = data[order[:cut]], data[order[cut:]]
     dim = data.shape[1]
+    mass = None
     if lib in ("nfcore", "nfcore_cnf", "nfcore_resflow"):
         spec = {"nfcore": {"preset": args.preset, "dim": dim, "transforms": args.transforms,
                            "hidden": args.hidden, "bins": args.bins, "mixing": args.mixing},
@@ -188,6 +202,10 @@ def run_one(task: tuple) -> dict:
         with torch.no_grad():
             ll = float(flow.log_prob(test).double().mean())
         how = f"{s['steps']} / {s['duration_s']:.0f} s ({s['stopped_reason']})"
+        if lib == "nfcore_resflow" and dim == 2:  # the mass of the density, over standardized units
+            loc = torch.as_tensor(train.mean(0))
+            scale = torch.as_tensor(train.std(0, ddof=1))
+            mass = grid_mass(lambda u: flow.log_prob(loc + scale * u) + torch.log(scale).sum())
     else:
         make = {"zuko": zuko_nsf, "zuko_cnf": zuko_cnf, "normflows_resflow": normflows_resflow}[lib]
         peer_args = args if lib == "zuko" else argparse.Namespace(
@@ -196,12 +214,16 @@ def run_one(task: tuple) -> dict:
         t = (torch.as_tensor(test) - loc) / scale
         if lib == "normflows_resflow":
             lp = exact_normflows_log_prob(zflow, t)
+            if dim == 2:
+                mass = grid_mass(lambda u: exact_normflows_log_prob(zflow, u))
         else:
             with torch.no_grad():
                 lp = zflow().log_prob(t)
         ll = float((lp - torch.log(scale).sum()).double().mean())
         how = f"{z['steps']} / {z['duration_s']:.0f} s"
     print(f"{path.stem:32s} split {split_seed}  {lib:17s} {ll:9.4f}  ({how})", flush=True)
+    if mass is not None:
+        how += f", mass {mass:.3f}"
     return {"set": path.stem, "shape": data.shape, "split": split_seed, "lib": lib, "ll": ll,
             "how": how}
 
