@@ -106,13 +106,13 @@ def exact_normflows_log_prob(model, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-@torch.no_grad()
-def grid_mass(log_prob, lim: float = 8.0, n: int = 401) -> float:
+def grid_mass(log_prob, lim: float = 8.0, n: int = 201) -> float:
     """The integral of a 2-D density over ``[-lim, lim]^2`` (trapezoid rule on an n x n grid):
     1 for a normalised density whose mass lies in the box."""
     t = torch.linspace(-lim, lim, n)
     grid = torch.cartesian_prod(t, t)
-    p = torch.cat([log_prob(grid[i : i + 20_000]).exp() for i in range(0, len(grid), 20_000)])
+    p = torch.cat([log_prob(grid[i : i + 20_000]).detach().exp()
+                   for i in range(0, len(grid), 20_000)])
     h = 2 * lim / (n - 1)
     return float(torch.trapezoid(torch.trapezoid(p.reshape(n, n), dx=h, dim=1), dx=h))
 
@@ -205,7 +205,9 @@ def run_one(task: tuple) -> dict:
         if lib == "nfcore_resflow" and dim == 2:  # the mass of the density, over standardized units
             loc = torch.as_tensor(train.mean(0))
             scale = torch.as_tensor(train.std(0, ddof=1))
-            mass = grid_mass(lambda u: flow.log_prob(loc + scale * u) + torch.log(scale).sum())
+            with torch.no_grad():
+                mass = grid_mass(lambda u: flow.log_prob(loc + scale * u)
+                                 + torch.log(scale).sum())
     else:
         make = {"zuko": zuko_nsf, "zuko_cnf": zuko_cnf, "normflows_resflow": normflows_resflow}[lib]
         peer_args = args if lib == "zuko" else argparse.Namespace(
