@@ -3,7 +3,8 @@
 #   docker build -t nfserve .                                   # CPU PyTorch
 #   docker build -t nfserve:gpu --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .
 #
-# Settings come from NFSERVE_* environment variables (see service/settings.py).
+# Settings come from NFSERVE_* environment variables (see service/settings.py). The image installs
+# the `server` extra (engine and service); the package alone is only the client.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -21,7 +22,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY nfcore ./nfcore
 COPY service ./service
-RUN pip install .
+RUN pip install ".[server]"
 
 # The demo models seed the model-store volume the first time it is mounted.
 COPY models /models

@@ -1,4 +1,5 @@
-# One command to set up and run the tests, one to set up and run the service.
+# One command to set up and run the tests, one to set up and run the service. Both install the
+# server and dev extras; `pip install .` alone installs only the client.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nfserve-installed
@@ -9,7 +10,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,7 +22,7 @@ serve: $(STAMP)
 	$(VENV)/bin/nfserve serve
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q -e ".[server,bench]"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -6,7 +6,7 @@
     batching on and off: throughput and p50/p99 latency. Target: batching >= 5x the throughput of
     no batching, with a lower p99.
 
-Each server is a real ``uvicorn`` process (``service.app:create_app``) on 127.0.0.1; the clients
+Each server is a real ``uvicorn`` process (``service.api.app:create_app``) on 127.0.0.1; the clients
 are ``service.client`` (httpx) in this process. Writes ``benchmarks/results/serving.md``.
 
     python benchmarks/serving.py [--rows 1000000] [--repeats 2] [--clients 64] [--duration 15]
@@ -75,7 +75,7 @@ class Server:
                 "NFSERVE_EMBEDDED_WORKER": "false",
                 **{f"NFSERVE_{k.upper()}": v for k, v in env.items()}}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host",
+            [sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app", "--host",
              "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
             env=full, cwd=models.parent)
 

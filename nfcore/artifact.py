@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from safetensors.torch import save as st_save
 from .errors import ArtifactError, SpecError
 from .flow import Flow
 
-__all__ = ["save", "saves", "load", "loads", "read_metadata", "atomic_write", "FORMAT_VERSION"]
+__all__ = ["save", "saves", "load", "loads", "read_metadata", "read_info", "ArtifactInfo",
+           "atomic_write", "FORMAT_VERSION"]
 
 FORMAT_VERSION = "1"
 SPEC_KEY = "nfcore.spec"
@@ -121,10 +123,70 @@ def _header(data: bytes) -> tuple[dict, dict[str, str]]:
     return header, meta
 
 
+def _head(source: str | os.PathLike | bytes) -> bytes:
+    """The bytes of a model file up to the end of its header (a path is read no further)."""
+    if isinstance(source, bytes | bytearray):
+        return bytes(source)
+    try:
+        with open(source, "rb") as f:
+            start = f.read(8)
+            n = int.from_bytes(start, "little") if len(start) == 8 else 0
+            return start + f.read(min(n, MAX_HEADER))
+    except OSError as e:
+        raise ArtifactError(f"Cannot read model file {str(source)!r}: {e.strerror}") from None
+
+
 def read_metadata(source: str | os.PathLike | bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a model file (validated header, no weights loaded)."""
-    data = source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
-    return dict(_header(bytes(data))[1])
+    """The raw ``__metadata__`` of a model file (validated header, no weights loaded)."""
+    return dict(_header(_head(source))[1])
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What a model file says about itself, from its header alone.
+
+    Arguments:
+        spec: the normalized spec the flow is rebuilt from.
+        content_hash: ``sha256:…`` over the weights and the metadata.
+        format_version: the nfcore artifact format.
+        metadata: the caller's metadata given to ``save``, JSON values decoded (e.g. ``training``).
+    """
+
+    spec: dict[str, Any]
+    content_hash: str
+    format_version: str
+    metadata: dict[str, Any]
+
+
+def _decoded(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def read_info(source: str | os.PathLike | bytes) -> ArtifactInfo:
+    """The spec, content hash and metadata of a model file, reading only its header.
+
+    Raises ``ArtifactError`` for a file that is not an nfcore model.
+
+    Example:
+        >>> import nfcore
+        >>> flow = nfcore.build({"preset": "maf", "dim": 2, "transforms": 1, "hidden": [4]})
+        >>> info = read_info(nfcore.saves(flow, metadata={"training": {"steps": 3}}))
+        >>> info.spec["dim"], info.metadata, info.content_hash.startswith("sha256:")
+        (2, {'training': {'steps': 3}}, True)
+    """
+    _, meta = _header(_head(source))
+    try:
+        spec = json.loads(meta[SPEC_KEY])
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"Model file holds an invalid spec: {e}") from None
+    if not isinstance(spec, dict):
+        raise ArtifactError("Model file holds an invalid spec: not a JSON object")
+    return ArtifactInfo(spec=spec, content_hash=meta[HASH_KEY], format_version=meta[FORMAT_KEY],
+                        metadata={k: _decoded(v) for k, v in meta.items()
+                                  if not k.startswith("nfcore.")})
 
 
 def loads(data: bytes, *, device: str | torch.device | None = None) -> Flow:

@@ -85,6 +85,7 @@ LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
     "nsf_ar": _SPLINE,
     "lu_linear": {"permutation": ("random", _choice("random", "reverse"))},
     "actnorm": {},
+    "loc_scale": {"triangular": (True, _bool)},
     "permute": {"kind": ("reverse", _choice("reverse", "random")),
                 "seed": (0, _int(0, 2**31 - 1))},
     "standardize": {},
@@ -121,7 +122,11 @@ PRESETS: dict[str, tuple[str, bool, bool, int]] = {
     "cnf": ("cnf", False, False, 1),
 }
 _PRESET_KEYS = {"preset": None, "dim": None, "context_dim": None, "dtype": None, "base": None,
-                "transforms": None, "standardize": None, "mixing": None}
+                "transforms": None, "standardize": None, "loc_scale": None, "mixing": None}
+
+#: Above this dimension a preset's ``loc_scale`` layer is diagonal (its triangular factor would
+#: cost O(dim^2) per row and parameters).
+LOC_SCALE_TRIANGULAR_MAX_DIM = 256
 
 #: What a preset puts between its repeated layers (``"mixing"``): the reverse order (default), a
 #: fixed random permutation, or a learned ``lu_linear`` (a permutation times a learned LU
@@ -173,6 +178,7 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     transforms = _int(1, LIMITS["transforms"])("transforms",
                                                raw.get("transforms", default_transforms))
     standardize = _bool("standardize", raw.get("standardize", True))
+    loc_scale = _bool("loc_scale", raw.get("loc_scale", True))
     mixing = _choice(*MIXINGS)("mixing", raw.get("mixing", "reverse"))
     if not permute and "mixing" in raw:
         raise SpecError("mixing", f"preset {name!r} puts nothing between its layers")
@@ -181,6 +187,9 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     # layers in a row would then see the features in the same order: take the reverse there.
     lu = {"type": "lu_linear", "permutation": "reverse" if raw["dim"] == 2 else "random"}
     layers: list[dict] = [{"type": "standardize"}] if standardize else []
+    if loc_scale:
+        layers.append({"type": "loc_scale",
+                       "triangular": raw["dim"] <= LOC_SCALE_TRIANGULAR_MAX_DIM})
     for i in range(transforms):
         if permute and i > 0:
             layers.append({"lu": lu,

@@ -2,7 +2,9 @@
 
 Arrays go in and come out as numpy. Requests with more than ``binary_rows`` rows (and samples with
 ``n`` above it) travel as safetensors instead of JSON. Every error answer raises a typed
-``NFServeError`` subclass that carries the server's status code and message.
+``NFServeError`` subclass that carries the server's status code and message. It needs httpx,
+numpy, safetensors and orjson only (``pip install nfserve`` without extras), and shares the wire
+contract (``service.wire``) with the server. ``AsyncClient`` has every method of ``Client``.
 
 Example:
     >>> from service.client import Client
@@ -13,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -29,13 +32,12 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from .wire import JSON, LOG_PROB, OCTET_STREAM, SAMPLE, STATUS, ErrorKind, JobStatus
+
 __all__ = [
     "Client", "AsyncClient", "NFServeError", "InvalidInput", "NotFound", "Conflict",
     "PayloadTooLarge", "Unauthorized", "Forbidden", "Overloaded", "ServerError",
 ]
-
-OCTET = "application/octet-stream"
-
 
 # ---------------------------------------------------------------------------------- errors
 class NFServeError(Exception):
@@ -79,10 +81,15 @@ class ServerError(NFServeError):
     """Any other 5xx."""
 
 
-_ERRORS: dict[int, type[NFServeError]] = {
-    400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
-    413: PayloadTooLarge, 415: InvalidInput, 422: InvalidInput, 503: Overloaded,
+_BY_KIND: dict[ErrorKind, type[NFServeError]] = {
+    ErrorKind.INVALID_INPUT: InvalidInput, ErrorKind.UNSUPPORTED_MEDIA_TYPE: InvalidInput,
+    ErrorKind.NOT_FOUND: NotFound, ErrorKind.CONFLICT: Conflict,
+    ErrorKind.PAYLOAD_TOO_LARGE: PayloadTooLarge, ErrorKind.UNAUTHORIZED: Unauthorized,
+    ErrorKind.FORBIDDEN: Forbidden, ErrorKind.UNAVAILABLE: Overloaded,
+    ErrorKind.OVERLOADED: Overloaded,
 }
+_ERRORS: dict[int, type[NFServeError]] = {
+    400: InvalidInput, **{STATUS[kind]: cls for kind, cls in _BY_KIND.items()}}
 
 
 def _check(response: httpx.Response) -> httpx.Response:
@@ -128,7 +135,7 @@ def _dumps(payload: dict[str, Any]) -> bytes:
 
 def _json_body(payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     body = {k: v for k, v in payload.items() if v is not None}
-    return _dumps(body), {"content-type": "application/json"}
+    return _dumps(body), {"content-type": JSON}
 
 
 def _tensors(response: httpx.Response) -> dict[str, np.ndarray]:
@@ -153,14 +160,14 @@ def _log_prob_call(model: str, x: Any, context: Any, version: int | None,
         def parse(r: httpx.Response) -> np.ndarray:
             return _tensors(r)["log_prob"]
 
-        return _Call("POST", "/log_prob", parse, params=params, content=st_save(tensors),
-                     headers={"content-type": OCTET, "accept": OCTET})
+        return _Call("POST", LOG_PROB, parse, params=params, content=st_save(tensors),
+                     headers={"content-type": OCTET_STREAM, "accept": OCTET_STREAM})
     content, headers = _json_body({"model": model, "version": version, "x": x, "context": ctx})
 
     def parse_json(r: httpx.Response) -> np.ndarray:
         return np.asarray(orjson.loads(r.content)["log_prob"], dtype=np.float64)
 
-    return _Call("POST", "/log_prob", parse_json, content=content, headers=headers)
+    return _Call("POST", LOG_PROB, parse_json, content=content, headers=headers)
 
 
 def _sample_call(model: str, n: int, seed: int | None, context: Any, version: int | None,
@@ -177,8 +184,8 @@ def _sample_call(model: str, n: int, seed: int | None, context: Any, version: in
             t = _tensors(r)
             return t["samples"], t["log_prob"]
 
-        return _Call("POST", "/sample", parse, params=params, content=content,
-                     headers={"content-type": OCTET, "accept": OCTET})
+        return _Call("POST", SAMPLE, parse, params=params, content=content,
+                     headers={"content-type": OCTET_STREAM, "accept": OCTET_STREAM})
     content, headers = _json_body({"model": model, "version": version, "n": n, "seed": seed,
                                    "context": ctx})
 
@@ -187,7 +194,7 @@ def _sample_call(model: str, n: int, seed: int | None, context: Any, version: in
         return (np.asarray(data["samples"], dtype=np.float64),
                 np.asarray(data["log_prob"], dtype=np.float64))
 
-    return _Call("POST", "/sample", parse_json, content=content, headers=headers)
+    return _Call("POST", SAMPLE, parse_json, content=content, headers=headers)
 
 
 def _json(r: httpx.Response) -> Any:
@@ -199,7 +206,7 @@ def _upload_call(name: str, data: bytes | str | os.PathLike, version: int | None
         data = Path(data).read_bytes()
     params = {"name": name, **({"version": version} if version is not None else {})}
     return _Call("POST", "/models", _json, params=params, content=bytes(data),
-                 headers={"content-type": OCTET})
+                 headers={"content-type": OCTET_STREAM})
 
 
 def _dataset_call(data: Any, filename: str | None, format: str | None) -> _Call:
@@ -212,14 +219,44 @@ def _dataset_call(data: Any, filename: str | None, format: str | None) -> _Call:
         data = Path(data).read_bytes()
     params = {k: v for k, v in {"filename": filename, "format": format}.items() if v is not None}
     return _Call("POST", "/datasets", _json, params=params, content=bytes(data),
-                 headers={"content-type": OCTET})
+                 headers={"content-type": OCTET_STREAM})
 
 
 def _train_call(name: str, flow: dict[str, Any], objective: dict[str, Any],
                 training: dict[str, Any] | None) -> _Call:
     body = {"name": name, "flow": flow, "objective": objective, "training": training or {}}
     return _Call("POST", "/train", _json, content=_dumps(body),
-                 headers={"content-type": "application/json"})
+                 headers={"content-type": JSON})
+
+
+def _content(r: httpx.Response) -> bytes:
+    return r.content
+
+
+def _plot_call(name: str, version: int | None, params: dict[str, Any]) -> _Call:
+    query = {k: v for k, v in {"version": version, **params}.items() if v is not None}
+    return _Call("GET", f"/models/{name}/plot.png", _content, params=query)
+
+
+def _jobs_call(status: str | None, name: str | None, limit: int) -> _Call:
+    params = {k: v for k, v in {"status": status, "name": name, "limit": limit}.items()
+              if v is not None}
+    return _Call("GET", "/jobs", lambda r: r.json()["data"], params=params)
+
+
+class _Wait:
+    """When to stop polling a job: once it is final, or (``TimeoutError``) past ``timeout``."""
+
+    def __init__(self, job_id: str, timeout: float):
+        self.job_id, self.timeout = job_id, timeout
+        self.deadline = time.monotonic() + timeout
+
+    def over(self, job: dict[str, Any]) -> bool:
+        if job["status"] in JobStatus.final():
+            return True
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"Job {self.job_id} still {job['status']} after {self.timeout} s")
+        return False
 
 
 class _Base:
@@ -283,7 +320,7 @@ class Client(_Base):
 
     def download_model(self, name: str, version: int) -> bytes:
         """The bytes of a version's model.safetensors."""
-        return self._get(f"/models/{name}/versions/{version}/artifact", lambda r: r.content)
+        return self._get(f"/models/{name}/versions/{version}/artifact", _content)
 
     def upload_model(self, name: str, data: bytes | str | os.PathLike, *,
                      version: int | None = None) -> dict[str, Any]:
@@ -291,9 +328,8 @@ class Client(_Base):
         return self._do(_upload_call(name, data, version))
 
     def plot(self, name: str, *, version: int | None = None, **params: Any) -> bytes:
-        """PNG of a 2-D model's density and samples."""
-        query = {k: v for k, v in {"version": version, **params}.items() if v is not None}
-        return self._get(f"/models/{name}/plot.png", lambda r: r.content, query)
+        """PNG of a 2-D model's density and samples (``n``, ``grid``, ``seed`` as query)."""
+        return self._do(_plot_call(name, version, params))
 
     # training data and jobs
     def upload_dataset(self, data: Any, *, filename: str | None = None,
@@ -316,9 +352,8 @@ class Client(_Base):
 
     def jobs(self, *, status: str | None = None, name: str | None = None,
              limit: int = 100) -> list[dict[str, Any]]:
-        params = {k: v for k, v in {"status": status, "name": name, "limit": limit}.items()
-                  if v is not None}
-        return self._get("/jobs", params=params)["data"]
+        """Jobs, newest first, optionally of one status or model name."""
+        return self._do(_jobs_call(status, name, limit))
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancel a queued or running job (409 if it already finished)."""
@@ -327,14 +362,10 @@ class Client(_Base):
     def wait_job(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5
                  ) -> dict[str, Any]:
         """Poll until the job is succeeded, failed or cancelled; ``TimeoutError`` past ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.job(job_id)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                return job
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Job {job_id} still {job['status']} after {timeout} s")
+        wait = _Wait(job_id, timeout)
+        while not wait.over(job := self.job(job_id)):
             time.sleep(poll)
+        return job
 
     # health
     def live(self) -> dict[str, Any]:
@@ -358,7 +389,7 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """Asynchronous client; the same methods as ``Client``, awaited.
+    """Asynchronous client; every method of ``Client``, awaited.
 
     One ``AsyncClient`` shares one httpx connection pool. At high concurrency the pool itself costs
     CPU: on the 2-core benchmark machine, 64 concurrent requests through one pool ran at ~75
@@ -402,7 +433,10 @@ class AsyncClient(_Base):
         return await self._get(f"/models/{name}")
 
     async def download_model(self, name: str, version: int) -> bytes:
-        return await self._get(f"/models/{name}/versions/{version}/artifact", lambda r: r.content)
+        return await self._get(f"/models/{name}/versions/{version}/artifact", _content)
+
+    async def plot(self, name: str, *, version: int | None = None, **params: Any) -> bytes:
+        return await self._do(_plot_call(name, version, params))
 
     async def upload_model(self, name: str, data: bytes | str | os.PathLike, *,
                            version: int | None = None) -> dict[str, Any]:
@@ -424,12 +458,17 @@ class AsyncClient(_Base):
 
     async def jobs(self, *, status: str | None = None, name: str | None = None,
                    limit: int = 100) -> list[dict[str, Any]]:
-        params = {k: v for k, v in {"status": status, "name": name, "limit": limit}.items()
-                  if v is not None}
-        return (await self._get("/jobs", params=params))["data"]
+        return await self._do(_jobs_call(status, name, limit))
 
     async def cancel_job(self, job_id: str) -> dict[str, Any]:
         return await self._do(_Call("DELETE", f"/jobs/{job_id}", _json))
+
+    async def wait_job(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5
+                       ) -> dict[str, Any]:
+        wait = _Wait(job_id, timeout)
+        while not wait.over(job := await self.job(job_id)):
+            await asyncio.sleep(poll)
+        return job
 
     async def live(self) -> dict[str, Any]:
         return await self._get("/health/live")

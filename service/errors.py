@@ -1,36 +1,23 @@
-"""Every error the service answers with, and the one place that maps them to HTTP status codes.
+"""The service's domain errors: each says what went wrong and of which ``ErrorKind``; no HTTP here.
 
-Engine errors (``nfcore.errors``), store errors and the service's own errors all become
-``{"detail": "<precise message>"}`` with a 4xx/503 status. Only a genuine bug gives a 500.
+Inference, training and the store raise these (and nfcore raises its own typed errors); only
+``service.api.errors`` turns them into HTTP answers.
 """
 
 from __future__ import annotations
 
-import logging
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from nfcore import errors as engine
-
-from .schemas import FastJSONResponse
-from .store import InvalidName, ModelNotFound, VersionExists
+from .wire import ErrorKind
 
 __all__ = [
-    "ServiceError", "NotFound", "InvalidInput", "PayloadTooLarge", "Conflict", "Overloaded",
-    "ModelUnavailable", "Unauthorized", "Forbidden", "status_for", "install_error_handlers",
-    "validation_message", "UnsupportedMediaType", "describe",
+    "ServiceError", "NotFound", "InvalidInput", "PayloadTooLarge", "Conflict",
+    "UnsupportedMediaType", "Overloaded", "ModelUnavailable", "Unauthorized", "Forbidden",
 ]
-
-log = logging.getLogger("nfserve")
 
 
 class ServiceError(Exception):
-    """An error with an HTTP status and a message meant for the client."""
+    """An error with a message meant for the client."""
 
-    status_code = 400
-    headers: dict[str, str] | None = None
+    kind: ErrorKind = ErrorKind.INVALID_INPUT
 
     def __init__(self, detail: str):
         super().__init__(detail)
@@ -38,122 +25,54 @@ class ServiceError(Exception):
 
 
 class NotFound(ServiceError):
-    status_code = 404
+    """No such model, version, job or dataset."""
+
+    kind = ErrorKind.NOT_FOUND
 
 
 class InvalidInput(ServiceError):
-    status_code = 422
+    """Bad shape, value, spec, expression or option."""
+
+    kind = ErrorKind.INVALID_INPUT
 
 
 class PayloadTooLarge(ServiceError):
-    status_code = 413
+    """Over a row, sample or body-size limit."""
+
+    kind = ErrorKind.PAYLOAD_TOO_LARGE
 
 
 class Conflict(ServiceError):
-    status_code = 409
+    """The request contradicts the state: the version exists, the job already finished."""
+
+    kind = ErrorKind.CONFLICT
 
 
 class UnsupportedMediaType(ServiceError):
-    status_code = 415
+    """A body that is neither JSON nor safetensors."""
+
+    kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
 
 
 class Overloaded(ServiceError):
     """Queue full or deadline passed: retry later."""
 
-    status_code = 503
-    headers = {"Retry-After": "1"}
+    kind = ErrorKind.OVERLOADED
 
 
 class ModelUnavailable(ServiceError):
     """A stored model file cannot be loaded (corrupted on disk): not the client's fault."""
 
-    status_code = 503
+    kind = ErrorKind.UNAVAILABLE
 
 
 class Unauthorized(ServiceError):
-    status_code = 401
-    headers = {"WWW-Authenticate": "Bearer"}
+    """No API key, or an unknown one."""
+
+    kind = ErrorKind.UNAUTHORIZED
 
 
 class Forbidden(ServiceError):
-    status_code = 403
+    """The API key lacks the scope."""
 
-
-# Engine and store exceptions -> status. Order matters: subclasses before their bases.
-_STATUS: list[tuple[type[BaseException], int]] = [
-    (ServiceError, 0),  # carries its own
-    (ModelNotFound, 404),
-    (VersionExists, 409),
-    (InvalidName, 422),
-    (engine.ShapeError, 422),
-    (engine.SpecError, 422),
-    (engine.ExpressionError, 422),
-    (engine.TargetError, 422),
-    (engine.ArtifactError, 422),
-    (engine.TrainingCancelled, 409),
-    (engine.NFCoreError, 422),
-]
-
-
-def status_for(exc: BaseException) -> int | None:
-    """The HTTP status of a known error, or None for an unexpected one."""
-    for cls, status in _STATUS:
-        if isinstance(exc, cls):
-            return exc.status_code if isinstance(exc, ServiceError) else status
-    return None
-
-
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> FastJSONResponse:
-    return FastJSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-def _bug(exc: BaseException) -> str:
-    return f"Internal server error ({type(exc).__name__}); this is a bug"
-
-
-def describe(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
-    """``(status, detail, headers)`` of the answer to ``exc``; an unexpected error is logged and
-    becomes a 500 that says it is a bug."""
-    status = status_for(exc)
-    if status is None:
-        log.error("Unhandled error", exc_info=exc)
-        return 500, _bug(exc), None
-    if isinstance(exc, ServiceError):
-        return status, exc.detail, exc.headers
-    return status, str(exc), None
-
-
-def validation_message(errors: list[dict]) -> str:
-    """One readable line from pydantic's error list ("field: message; …")."""
-    parts = []
-    for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        msg = err.get("msg", "invalid value")
-        if err.get("type") == "json_invalid":
-            parts.append(f"Request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}")
-        else:
-            parts.append(f"{loc}: {msg}")
-    return "; ".join(parts) or "Invalid request"
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers that turn every known error into ``{"detail": …}``."""
-
-    async def known(request: Request, exc: Exception) -> FastJSONResponse:
-        return _error(*describe(exc))
-
-    async def validation(request: Request, exc: RequestValidationError) -> FastJSONResponse:
-        return _error(422, validation_message(exc.errors()))
-
-    async def http(request: Request, exc: StarletteHTTPException) -> FastJSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    async def unexpected(request: Request, exc: Exception) -> FastJSONResponse:
-        log.exception("Unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, _bug(exc))
-
-    for cls, _ in _STATUS:
-        app.add_exception_handler(cls, known)
-    app.add_exception_handler(RequestValidationError, validation)
-    app.add_exception_handler(StarletteHTTPException, http)
-    app.add_exception_handler(Exception, unexpected)
+    kind = ErrorKind.FORBIDDEN

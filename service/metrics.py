@@ -1,17 +1,15 @@
 """Prometheus metrics on a registry of the app's own (so many apps in one process never clash).
 
-``MetricsMiddleware`` counts requests by route template, method and status and times them; the
-engine reports batches, queue depth and the model cache through the same ``Metrics`` object.
+The API's middleware counts requests by route template, method and status and times them; the
+batchers and the model cache report batches, queue depth and cache use through the same
+``Metrics`` object, and the training side registers its collector of job gauges on its registry.
 """
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Metrics", "MetricsMiddleware", "CONTENT_TYPE"]
+__all__ = ["Metrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -59,32 +57,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class MetricsMiddleware:
-    """Pure ASGI middleware (no per-request task or body copy) recording count and latency."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(path, scope["method"], status,
-                                         time.perf_counter() - start)

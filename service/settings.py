@@ -1,4 +1,5 @@
-"""Settings from environment variables (prefix ``NFSERVE_``) or a ``.env`` file, via pydantic-settings."""
+"""Every knob of the service, from environment variables (prefix ``NFSERVE_``) or a ``.env`` file,
+via pydantic-settings: paths, database and queue, batching, limits, keys, jobs and workers."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ class Settings(BaseSettings):
     batching: bool = Field(True, description="Coalesce concurrent requests per model.")
     max_batch_rows: int = Field(65536, ge=1, description="Most rows run in one batched forward pass.")
     fast_path: bool = Field(
-        True, description="Answer POST /log_prob and /sample from a pure-ASGI handler (the same "
-                          "handlers, without FastAPI's per-request routing and dependency work).")
+        True, description="Answer POST /log_prob and /sample from ASGI middleware over the same "
+                          "protocol layer as the routes, without FastAPI's per-request routing "
+                          "and dependency work.")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="Longest wait to fill a batch.")
     max_queued_rows: int = Field(4_000_000, ge=1, description="Rows waiting per model before 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of an inference request.")
@@ -66,13 +68,19 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated keys allowed everything, uploads too.")
 
     # Jobs and workers
-    embedded_worker: bool = Field(True, description="`serve` also starts one local worker process.")
+    embedded_worker: bool = Field(
+        True, description="`serve` also starts one local worker process, restarted if it dies.")
     worker_threads: int = Field(1, ge=1, description="Huey thread workers per worker process.")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="How often a running job beats.")
-    heartbeat_timeout_s: float = Field(15.0, gt=0, description="Beat age after which a job is stale.")
+    heartbeat_timeout_s: float = Field(
+        15.0, gt=0, description="Beat age after which a job is stale and a worker not live.")
     max_retries: int = Field(2, ge=0, description="Re-queues of a job whose worker died.")
     checkpoint_every_s: float = Field(5.0, gt=0, description="Seconds between training checkpoints.")
-    max_train_steps: int = Field(200_000, ge=1, description="Largest step budget of one job.")
+    max_train_steps: int = Field(
+        200_000, ge=1, description="Largest step budget of one job (a time budget alone has "
+                                   "no step count, so this does not cap it).")
+    max_train_seconds: float = Field(
+        7 * 86_400.0, gt=0, description="Largest time budget of one job, in seconds.")
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules imported at start-up to register target plugins.")
 

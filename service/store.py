@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import nfcore
+from nfcore import ArtifactInfo, read_info
+
+from .errors import Conflict, InvalidInput, NotFound
 
 __all__ = ["ModelStore", "ModelVersionInfo", "ModelNotFound", "VersionExists", "InvalidName",
            "ARTIFACT", "NAME_PATTERN"]
@@ -31,28 +34,31 @@ _NAME = re.compile(NAME_PATTERN)
 _VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(NotFound, LookupError):
     """No such model name, or no such version of it."""
 
 
-class VersionExists(FileExistsError):
+class VersionExists(Conflict, FileExistsError):
     """A publish asked for a version number that is already taken."""
 
 
-class InvalidName(ValueError):
+class InvalidName(InvalidInput, ValueError):
     """A model name that is not a safe directory name."""
 
 
 @dataclass(frozen=True)
 class ModelVersionInfo:
-    """What the store knows about one version without loading its weights."""
+    """What the store knows about one version without loading its weights (``metadata`` is the
+    caller's metadata given to ``nfcore.save``, JSON values decoded)."""
 
     name: str
     version: int
     path: Path
     size_bytes: int
     created: datetime
-    metadata: dict[str, str]
+    spec: dict[str, Any]
+    content_hash: str
+    metadata: dict[str, Any]
 
 
 class ModelStore:
@@ -61,7 +67,7 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike, *, refresh_s: float = 0.0):
         self.root = Path(root)
         self.refresh_s = refresh_s
-        self._meta_cache: dict[tuple[str, int, int], dict[str, str]] = {}
+        self._info_cache: dict[tuple[str, int, int], ArtifactInfo] = {}
         # name -> (directory mtime, when checked, complete versions)
         self._versions_cache: dict[str, tuple[int, float, list[int]]] = {}
         self._lock = threading.Lock()
@@ -155,22 +161,39 @@ class ModelStore:
 
     # ------------------------------------------------------------------ metadata
     def info(self, name: str, version: int) -> ModelVersionInfo:
-        """Metadata of one version (header only, cached by file identity)."""
+        """Spec, hash and metadata of one version (header only, cached by file identity);
+        ``nfcore.ArtifactError`` for a file that is not a model."""
         path = self.path(name, self.resolve(name, version))
         try:
             st = path.stat()
         except FileNotFoundError:
             raise ModelNotFound(f"Model {name!r} has no version {version}") from None
         key = (str(path), st.st_mtime_ns, st.st_size)
-        meta = self._meta_cache.get(key)
-        if meta is None:
-            meta = nfcore.read_metadata(path)
+        info = self._info_cache.get(key)
+        if info is None:
+            info = read_info(path)
             with self._lock:
-                if len(self._meta_cache) > 4096:
-                    self._meta_cache.clear()
-                self._meta_cache[key] = meta
+                if len(self._info_cache) > 4096:
+                    self._info_cache.clear()
+                self._info_cache[key] = info
         return ModelVersionInfo(name=name, version=version, path=path, size_bytes=st.st_size,
-                                created=datetime.fromtimestamp(st.st_mtime, UTC), metadata=meta)
+                                created=datetime.fromtimestamp(st.st_mtime, UTC), spec=info.spec,
+                                content_hash=info.content_hash, metadata=info.metadata)
+
+    def health(self) -> tuple[str, bool, str]:
+        """The readiness check of the store: readable, and every model's latest version loads."""
+        if not self.readable():
+            return "model_store", False, f"{self.root} is not a readable directory"
+        names = self.names()
+        unreadable = []
+        for name in names[:100]:
+            try:
+                self.info(name, self.latest(name))
+            except Exception as e:  # any defect of a stored file makes it unloadable
+                unreadable.append(f"{name}: {e}")
+        if unreadable:
+            return "model_store", False, "; ".join(unreadable)
+        return "model_store", True, f"{len(names)} models in {self.root}"
 
     # ------------------------------------------------------------------ publishing
     def _claim(self, name: str, version: int | None) -> tuple[int, Path]:

@@ -5,7 +5,7 @@ from .base import MADE, MLP, Layer
 from .cnf import CNF, ODE_METHODS
 from .coupling import AffineCoupling, Coupling, NSFCoupling
 from .elementwise import Affine, RationalQuadratic
-from .linear import ActNorm, LULinear, Permute, Standardize
+from .linear import ActNorm, LocScale, LULinear, Permute, Standardize
 from .planar import PLANAR_TOLERANCE, Planar, Radial
 from .residual import RESIDUAL_TOLERANCE, Residual
 from .sylvester import SYLVESTER_TOLERANCE, Sylvester
@@ -13,7 +13,7 @@ from .sylvester import SYLVESTER_TOLERANCE, Sylvester
 __all__ = [
     "Layer", "MLP", "MADE", "Affine", "RationalQuadratic", "Coupling", "AffineCoupling",
     "NSFCoupling", "Autoregressive", "MAF", "IAF", "NSFAutoregressive", "Planar", "Radial",
-    "PLANAR_TOLERANCE", "LULinear", "ActNorm", "Permute", "Standardize", "Residual",
+    "PLANAR_TOLERANCE", "LULinear", "ActNorm", "LocScale", "Permute", "Standardize", "Residual",
     "RESIDUAL_TOLERANCE", "Sylvester", "SYLVESTER_TOLERANCE", "CNF", "ODE_METHODS",
     "LAYER_CLASSES",
 ]
@@ -29,6 +29,7 @@ LAYER_CLASSES: dict[str, type[Layer]] = {
     "nsf_ar": NSFAutoregressive,
     "lu_linear": LULinear,
     "actnorm": ActNorm,
+    "loc_scale": LocScale,
     "permute": Permute,
     "standardize": Standardize,
     "residual": Residual,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MADE, Layer
+from .base import MADE, Layer, zero_output
 from .elementwise import Affine, RationalQuadratic
 
 __all__ = ["Autoregressive", "MAF", "IAF", "NSFAutoregressive"]
@@ -46,6 +46,9 @@ class Autoregressive(Layer):
             ladj = ladj + l[..., 0]
             out = torch.cat(columns, dim=-1)
         return out, ladj
+
+    def reset_identity(self) -> bool:
+        return zero_output(self.made.net)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.inverse_autoregressive:
@@ -136,6 +139,10 @@ class NSFAutoregressive(Autoregressive):
 
     def __init__(self, dim, *, hidden, activation, bins, bound, context_dim=0):
         super().__init__(dim, RationalQuadratic(bins, bound), hidden, activation, context_dim, False)
+
+    def tail_mask(self, x: Tensor) -> Tensor:
+        """Rows of the input ``x`` with a feature in the identity tails."""
+        return self.elementwise.outside(x)
 
     def initialize_knots(self, x: Tensor, context: Tensor | None = None) -> None:
         """Set the conditioner's output bias so that, before any training, each feature's spline

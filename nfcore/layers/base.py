@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Layer", "MLP", "MADE", "ACTIVATIONS", "soft_clamp"]
+__all__ = ["Layer", "MLP", "MADE", "ACTIVATIONS", "soft_clamp", "zero_output"]
 
 def _relu() -> nn.Module:
     # In place: saves one (batch x width) allocation per hidden layer, and ReLU's backward only
@@ -55,6 +55,21 @@ class Layer(nn.Module):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def reset_identity(self) -> bool:
+        """Make the layer the identity map, if its family can start as one and keep learning
+        (conditioned layers: a zeroed output layer, as Glow's last convolution); returns whether
+        it did."""
+        return False
+
+
+def zero_output(net: nn.Sequential) -> bool:
+    """Zero a conditioner's output layer: zero raw parameters are the identity for the affine
+    (unit scale, zero shift) and the spline (even bins, unit slopes) element-wise maps."""
+    with torch.no_grad():
+        net[-1].weight.zero_()
+        net[-1].bias.zero_()
+    return True
 
 
 class Dense(nn.Linear):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MLP, Layer
+from .base import MLP, Layer, zero_output
 from .elementwise import Affine, RationalQuadratic
 
 __all__ = ["Coupling", "AffineCoupling", "NSFCoupling"]
@@ -31,6 +31,9 @@ class Coupling(Layer):
         a, b = v[..., : self.split], v[..., self.split :]
         b, ladj = self.elementwise(b, self._params(a, context), inverse)
         return torch.cat([a, b], dim=-1), ladj.sum(-1)
+
+    def reset_identity(self) -> bool:
+        return zero_output(self.net)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._transform(x, context, inverse=False)
@@ -89,6 +92,10 @@ class NSFCoupling(Coupling):
 
     def __init__(self, dim, *, hidden, activation, bins, bound, context_dim=0):
         super().__init__(dim, RationalQuadratic(bins, bound), hidden, activation, context_dim)
+
+    def tail_mask(self, x: Tensor) -> Tensor:
+        """Rows of the input ``x`` whose transformed features reach the identity tails."""
+        return self.elementwise.outside(x[..., self.split :])
 
     def initialize_knots(self, x: Tensor, context: Tensor | None = None) -> None:
         """Set the conditioner's output bias so that, before any training, each transformed

@@ -53,6 +53,10 @@ class RationalQuadratic:
         self.bound = bound
         self.params = 3 * bins - 1
 
+    def outside(self, v: Tensor) -> Tensor:
+        """Rows of ``v`` (shape ``(N, F)``) with an element where the spline is the identity."""
+        return (v.abs() > self.bound).any(-1)
+
     @staticmethod
     def _bins(raw: Tensor, minimum: float) -> tuple[Tensor, Tensor, Tensor]:
         """Bin sizes as fractions of the interval (each >= ``minimum``, summing to 1), their

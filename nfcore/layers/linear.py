@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .base import Layer
 
-__all__ = ["LULinear", "ActNorm", "Permute", "Standardize"]
+__all__ = ["LULinear", "ActNorm", "LocScale", "Permute", "Standardize"]
 
 
 class LULinear(Layer):
@@ -104,6 +104,86 @@ class ActNorm(Layer):
         return z * torch.exp(self.log_scale) + self.loc, self.log_scale.sum().expand(z.shape[0])
 
 
+class LocScale(Layer):
+    """A trainable location-scale layer, ``x = loc + L z``, with ``L`` lower-triangular and a positive
+    diagonal (``triangular=False``: diagonal ``L``, as ActNorm). ``log|det dz/dx| = -sum(log diag L)``.
+
+    Placed on the data side of every preset (after ``standardize``), it carries the location, scale
+    and correlation of whatever the flow fits, so that the layers behind it, and the splines' fixed
+    interval ``[-bound, bound]`` in particular, see roughly standardized, decorrelated values.
+    ``Flow.initialize`` sets it from data: ``loc`` the mean and ``L L^T`` the covariance of its input
+    (for reverse KL, pseudo-data from a Gaussian approximation of the target, see
+    ``nfcore.train.start``). It starts as the identity and stays trainable.
+
+    Arguments:
+        dim: number of features.
+        triangular: a full lower-triangular ``L`` (O(dim^2) per row) or a diagonal one.
+
+    Example:
+        >>> import torch
+        >>> from nfcore.layers import LocScale
+        >>> layer = LocScale(3).double()
+        >>> layer.initialize(torch.randn(100, 3, dtype=torch.float64) @ torch.tensor([[1.0, 0.9, 0.0], [0.0, 0.4, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64))
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> z, ladj = layer(x)
+        >>> x_back, ladj_inv = layer.inverse(z)
+        >>> torch.allclose(x_back, x) and torch.allclose(ladj, -ladj_inv)
+        True
+    """
+
+    def __init__(self, dim: int, *, triangular: bool = True, **_):
+        super().__init__()
+        self.triangular = triangular
+        self.loc = nn.Parameter(torch.zeros(dim))
+        self.log_diag = nn.Parameter(torch.zeros(dim))
+        if triangular:
+            self.lower = nn.Parameter(torch.zeros(dim, dim))
+
+    def _scale(self) -> Tensor:
+        return self.lower.tril(-1) + torch.diag(torch.exp(self.log_diag))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        x64 = x.double()  # float64 statistics: a mean of 1e3 with a scale of 1e-3 survives float32
+        n = x64.shape[0]
+        loc = x64.mean(0)
+        if n < 2:
+            self.loc.copy_(loc)
+            return
+        centred = x64 - loc
+        cov = centred.T @ centred / (n - 1)
+        if not self.triangular:
+            self.loc.copy_(loc)
+            self.log_diag.copy_(0.5 * torch.log(cov.diag().clamp(min=1e-12)))
+            return
+        scale = cov.diag().clamp(min=1e-12).sqrt()
+        corr = cov / (scale[:, None] * scale[None, :])
+        # A singular correlation (collinear columns) gets the least jitter that makes it positive
+        # definite, so that L stays invertible; a regular one is factored exactly.
+        eye = torch.eye(corr.shape[0], dtype=torch.float64)
+        for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+            chol, info = torch.linalg.cholesky_ex((1.0 - jitter) * corr + jitter * eye)
+            if int(info) == 0:
+                break
+        chol = chol * scale[:, None]
+        self.loc.copy_(loc)
+        self.log_diag.copy_(torch.log(chol.diag()))
+        self.lower.copy_(chol.tril(-1))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ladj = (-self.log_diag.sum()).expand(x.shape[0])
+        if not self.triangular:
+            return (x - self.loc) * torch.exp(-self.log_diag), ladj
+        z = torch.linalg.solve_triangular(self._scale(), (x - self.loc).T, upper=False).T
+        return z, ladj
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ladj = self.log_diag.sum().expand(z.shape[0])
+        if not self.triangular:
+            return z * torch.exp(self.log_diag) + self.loc, ladj
+        return z @ self._scale().T + self.loc, ladj
+
+
 class Permute(Layer):
     """A fixed permutation of the features: ``reverse``, or ``random`` drawn from ``seed``.
 
@@ -166,9 +246,11 @@ class Standardize(Layer):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        self.loc.copy_(x.mean(0))
+        x64 = x.double()  # float64 statistics: a mean of 1e3 with a scale of 1e-3 survives float32
+        self.loc.copy_(x64.mean(0))
         if x.shape[0] > 1:
-            self.scale.copy_(x.std(0).clamp(min=1e-6 * (1.0 + x.abs().max().item())))
+            floor = torch.finfo(x.dtype).eps * (1.0 + x64.abs().max(0).values)
+            self.scale.copy_(torch.maximum(x64.std(0), 8.0 * floor))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return (x - self.loc) / self.scale, (-torch.log(self.scale).sum()).expand(x.shape[0])

@@ -1,20 +1,52 @@
-"""``Target``: an unnormalized log density ``log p~(z)`` over ``R^dim`` for reverse-KL training."""
+"""``Target``: an unnormalized log density ``log p~(z)`` over ``R^dim`` for reverse-KL training,
+and the constrained space its samples are reported in."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import TargetError
+from ..errors import ShapeError, TargetError
 
-__all__ = ["Target"]
+__all__ = ["Target", "Draws"]
+
+
+@dataclass
+class Draws:
+    """Samples of a fitted flow, reported in the target's constrained space.
+
+    ``samples`` has one column per name in ``columns`` (parameters, then derived quantities);
+    ``log_prob`` is the flow's log density there, ``log q(z) - log|det d(theta)/dz|``, and
+    ``target_log_prob`` the model's log density at the same points. Their difference,
+    ``log_weights``, is ready for self-normalised importance sampling.
+    """
+
+    columns: list[str]
+    samples: Tensor
+    log_prob: Tensor
+    target_log_prob: Tensor
+
+    @property
+    def log_weights(self) -> Tensor:
+        return self.target_log_prob - self.log_prob
 
 
 class Target:
     """An unnormalized log density over ``R^dim``, batched over rows.
+
+    A flow is fit over ``z`` in ``R^dim``, the unconstrained space. ``constrain``, ``unconstrain``,
+    ``target_log_prob``, ``derived`` and ``draws`` report it in the constrained space with named
+    ``columns``; for a plain target that space is ``z`` itself (columns ``z[0]``, ``z[1]``, ...).
+    ``ModelTarget`` (the model language) has named, constrained parameters.
+
+    For a flow ``q`` fit to a target ``t``, the density of ``q`` in the constrained space at given
+    values is ``flow.log_prob(z) - t.constrain(z)[1]`` with ``z = t.unconstrain(values)``;
+    ``t.target_log_prob(values)`` minus that is an importance log-weight.
 
     Arguments:
         name: a short name, reported in training summaries.
@@ -79,3 +111,112 @@ class Target:
         if self._sampler is None:
             raise TargetError(f"Target {self.name!r} has no exact sampler")
         return self._sampler(n, generator)
+
+    # ------------------------------------------------------------------ the constrained space
+    # A plain target's parameters are ``z`` itself: the map is the identity. ``ModelTarget``
+    # overrides these with named, constrained parameters and derived quantities.
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each parameter's name and shape, in the order of ``param_columns``."""
+        return {"z": (self.dim,)}
+
+    @property
+    def param_columns(self) -> list[str]:
+        """Names of the constrained parameter columns (``constrain``'s output)."""
+        return [f"z[{i}]" for i in range(self.dim)]
+
+    @property
+    def derived_columns(self) -> list[str]:
+        """Names of the derived-quantity columns (``derived``'s output)."""
+        return []
+
+    @property
+    def columns(self) -> list[str]:
+        """Every reported column: ``param_columns`` then ``derived_columns``."""
+        return self.param_columns + self.derived_columns
+
+    def constrain(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Unconstrained ``z`` ``(N, dim)`` to constrained values ``(N, len(param_columns))`` and
+        ``log|det d(values)/dz|`` ``(N,)``."""
+        self._check_z(z)
+        return z, z.new_zeros(z.shape[0])
+
+    def unconstrain(self, values: Tensor) -> Tensor:
+        """The inverse of ``constrain``: values ``(N, len(param_columns))`` to ``z`` ``(N, dim)``.
+        Raises ``TargetError`` for values outside the support."""
+        self._check_values(values)
+        return values
+
+    def in_support(self, values: Tensor) -> Tensor:
+        """Whether each row of constrained values lies in the support, ``(N,)`` booleans."""
+        self._check_values(values)
+        return torch.isfinite(values).all(-1)
+
+    def target_log_prob(self, values: Tensor) -> Tensor:
+        """The model's log density at constrained values, ``(N,)``, without the Jacobian of the
+        transform (so ``log_prob(z) = target_log_prob(constrain(z)[0]) + constrain(z)[1]``)."""
+        self._check_values(values)
+        return self.log_prob(values)
+
+    def derived(self, values: Tensor) -> Tensor:
+        """Derived quantities at constrained values, ``(N, len(derived_columns))``."""
+        self._check_values(values)
+        return values.new_zeros(values.shape[0], 0)
+
+    def draws(self, z: Tensor, log_q: Tensor) -> Draws:
+        """Report flow samples ``z`` with their ``log_q = log q(z)`` in the constrained space: named
+        columns (derived quantities included), log q there and the model's log density."""
+        if log_q.shape != z.shape[:1]:
+            raise ShapeError(f"Expected log_q of shape ({z.shape[0]},); got {tuple(log_q.shape)}")
+        values, ladj = self.constrain(z)
+        samples = torch.cat([values, self.derived(values)], -1)
+        return Draws(self.columns, samples, log_q - ladj, self.target_log_prob(values))
+
+    def pack(self, named: Mapping[str, Any]) -> Tensor:
+        """Constrained values ``(N, len(param_columns))`` from one array per parameter, each of
+        shape ``(N, *shape)`` (see ``param_shapes``), e.g. ``{"mu": [0.1, 0.2], "tau": [1, 2]}``.
+        Raises ``ShapeError`` naming a missing, unknown or misshapen parameter."""
+        if not isinstance(named, Mapping):
+            raise ShapeError(f"Expected an object of parameter name -> values; got "
+                             f"{type(named).__name__}")
+        shapes = self.param_shapes
+        unknown = sorted(str(k) for k in named if k not in shapes)
+        missing = [k for k in shapes if k not in named]
+        if unknown or missing:
+            raise ShapeError(f"Expected values for the parameters {list(shapes)}; "
+                             + (f"missing {missing}" if missing else f"unknown {unknown}"))
+        parts, rows = [], None
+        for name, shape in shapes.items():
+            try:
+                t = torch.as_tensor(named[name], dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ShapeError(f"{name}: expected numbers; {e}") from None
+            if t.ndim != len(shape) + 1 or tuple(t.shape[1:]) != shape:
+                raise ShapeError(f"{name}: expected shape (N, {', '.join(map(str, shape))})"
+                                 .replace(", )", ")") + f"; got {tuple(t.shape)}")
+            if rows is not None and t.shape[0] != rows:
+                raise ShapeError(f"{name}: expected {rows} rows like the others; got {t.shape[0]}")
+            rows = t.shape[0]
+            parts.append(t.reshape(rows, -1))
+        return torch.cat(parts, -1)
+
+    def unpack(self, values: Tensor) -> dict[str, Tensor]:
+        """One tensor ``(N, *shape)`` per parameter from constrained values; inverse of ``pack``."""
+        self._check_values(values)
+        out, start = {}, 0
+        for name, shape in self.param_shapes.items():
+            size = math.prod(shape)
+            out[name] = values[:, start:start + size].reshape(values.shape[0], *shape)
+            start += size
+        return out
+
+    def _check_z(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[-1] != self.dim:
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ShapeError(f"Expected z of shape (N, {self.dim}); got {got}")
+
+    def _check_values(self, values: Tensor) -> None:
+        width = len(self.param_columns)
+        if not isinstance(values, Tensor) or values.ndim != 2 or values.shape[-1] != width:
+            got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ShapeError(f"Expected values of shape (N, {width}); got {got}")

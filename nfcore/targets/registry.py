@@ -60,14 +60,23 @@ def get(name: str, **options: Any) -> Target:
 
 
 def from_spec(spec: Any) -> Target:
-    """A target from its JSON form, as the HTTP API takes it: ``{"builtin": "U1"}`` (optionally
-    with ``"options": {"dim": 5}``) or ``{"dim": 10, "log_prob": "...", "constants": {...}}``.
+    """A target from its JSON form, as the HTTP API takes it:
+
+    - ``{"builtin": "U1"}``, optionally with ``"options": {"dim": 5}``;
+    - a model in the model language, ``{"params", "data", "log_prob", "derived"}``
+      (``nfcore.targets.model``);
+    - the older expression form, ``{"dim": 10, "log_prob": "...", "constants": {...}}``.
+
+    ``Target.spec`` gives this JSON back, so ``from_spec(t.spec)`` rebuilds ``t``.
 
     Example:
         >>> from_spec({"builtin": "funnel", "options": {"dim": 3}}).dim
         3
+        >>> from_spec({"params": {"mu": {}}, "log_prob": "normal_lpdf(mu, 0, 1)"}).columns
+        ['mu']
     """
     from .expression import from_expression
+    from .model import MODEL_KEYS, ModelTarget
 
     if not isinstance(spec, dict):
         raise TargetError(f"Expected a target object; got {type(spec).__name__}")
@@ -79,10 +88,13 @@ def from_spec(spec: Any) -> Target:
         if not isinstance(options, dict):
             raise TargetError(f"target.options: expected an object; got {options!r}")
         return get(spec["builtin"], **options)
+    if "params" in spec:
+        return ModelTarget(spec)
     extra = set(spec) - {"dim", "log_prob", "constants"}
     if extra or "dim" not in spec or "log_prob" not in spec:
-        raise TargetError("target: expected {'builtin': name} or {'dim', 'log_prob', "
-                          f"'constants'}}; got keys {sorted(spec)}")
+        raise TargetError("target: expected {'builtin': name}, a model "
+                          f"{{{', '.join(map(repr, MODEL_KEYS))}}} or {{'dim', 'log_prob', "
+                          f"'constants'}}; got keys {sorted(map(str, spec))}")
     return from_expression(spec["dim"], spec["log_prob"], spec.get("constants"))
 
 

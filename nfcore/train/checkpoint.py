@@ -21,7 +21,8 @@ from torch import Tensor
 from ..artifact import atomic_write
 from ..errors import ArtifactError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "clone_state", "CHECKPOINT_FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step", "clone_state",
+           "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "nfcore-checkpoint-1"
 _KEY = "nfcore.checkpoint"
@@ -91,6 +92,35 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             groups[prefix][name] = t
     return {"model": groups["model"], "tensors": groups["extra"], "state": meta["state"],
             "optimizer": _join_optimizer(groups["optimizer"], meta["optimizer"])}
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step a checkpoint holds, from its header alone; None when there is no readable one.
+
+    A job runner reads it to report where a resumed run starts, without loading any tensor.
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = Path(tempfile.mkdtemp()) / "ckpt.safetensors"
+        >>> checkpoint_step(path) is None
+        True
+        >>> net = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(net.parameters())
+        >>> save_checkpoint(path, model=net.state_dict(), optimizer=opt.state_dict(),
+        ...                 state={"step": 12})
+        >>> checkpoint_step(path)
+        12
+    """
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 64 * 2**20)))
+        meta = json.loads(header["__metadata__"][_KEY])
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            return None
+        return int(meta["state"]["step"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def clone_state(module: torch.nn.Module) -> dict[str, Tensor]:

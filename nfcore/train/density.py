@@ -1,11 +1,9 @@
-"""``fit_density``: maximum likelihood (or flow matching) on data, with a validation split and
-early stopping."""
+"""``fit_density``: maximum likelihood on data, with a validation split and early stopping."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +13,8 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from ..flow import Flow
-from .checkpoint import clone_state
 from .flow_matching import density_loss
-from .loop import FitResult, Loop, Progress, check_common, finite_or_none, generator
+from .loop import FitResult, Loop, Progress, check_common, finite_or_none, generator, resolve_steps
 
 __all__ = ["fit_density", "split"]
 
@@ -74,6 +71,7 @@ def fit_density(
     context: Any = None,
     steps: int | None = None,
     epochs: int | None = None,
+    max_seconds: float | None = None,
     batch_size: int = 256,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
@@ -82,7 +80,6 @@ def fit_density(
     validation_fraction: float = 0.1,
     patience: int | None = 20,
     validate_every: int | None = None,
-    max_seconds: float | None = None,
     seed: int = 0,
     callback: Callable[[Progress], Any] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -96,23 +93,30 @@ def fit_density(
     matching, in place.
 
     The data are split (by ``seed``) into training and validation rows; ``flow.initialize`` fits the
-    ``standardize``/``actnorm`` layers to the training rows first, so ``log_prob`` stays in data units,
-    and (with ``init_knots``) starts each spline layer from knots that map the marginals of its
-    input close to a standard normal.
+    data-dependent layers to the training rows first (``standardize`` to their mean and scale, so
+    ``log_prob`` stays in data units and any scale or offset is reached; ``loc_scale`` to their
+    correlations; ``actnorm``), and (with ``init_knots``) starts each spline layer from knots that
+    map the marginals of its input close to a standard normal.
     The validation loss is computed every ``validate_every`` steps (default: once per epoch, but
     every 20 to 100 steps); after ``patience`` checks without improvement training stops, and the best
     weights are restored at the end. With ``validation_fraction=0`` there is no early stopping.
+
+    Budgets: ``steps`` (or ``epochs``) alone trains that many steps; ``max_seconds`` alone trains
+    until the time is up, with the learning-rate schedule following the clock; both stop at
+    whichever comes first; neither gives ``DEFAULT_STEPS["density"]`` steps. Early stopping can end
+    any of them sooner.
 
     Arguments:
         flow: the flow to train (its current weights are the starting point, but for the layers
             that ``flow.initialize`` sets from the data).
         data: array-like of shape ``(N, dim)``.
         context: array-like of shape ``(N, context_dim)`` for a conditional flow.
-        steps, epochs: the budget (at most one; default 2000 steps).
+        steps, epochs: the step budget (at most one of them).
+        max_seconds: the wall-clock budget. With a step budget too, the schedule follows whichever
+            of steps and time is further along, so a time-limited run still ends annealed (and
+            depends on timing).
         batch_size, lr, weight_decay: AdamW settings; ``schedule`` is ``cosine``, ``linear`` or
             ``constant`` after a short linear warm-up; ``clip_grad_norm`` clips the gradient norm.
-        max_seconds: wall-clock limit. The schedule then follows whichever of steps and time is
-            further along, so a time-limited run still ends annealed (and depends on timing).
         seed: the split, the batch order and hence, from the same starting weights, the result.
         callback: gets a ``Progress`` at each validation and at most once a second in between.
         should_stop: checked before every step; when it returns True, ``TrainingCancelled`` is
@@ -138,7 +142,6 @@ def fit_density(
         >>> result.summary["steps"], result.summary["stopped_reason"]
         (50, 'completed')
     """
-    started = time.time()
     check_common(batch_size=batch_size, lr=lr, schedule=schedule, clip_grad_norm=clip_grad_norm,
                  max_seconds=max_seconds, seed=seed, checkpoint_every_s=checkpoint_every_s,
                  weight_decay=weight_decay)
@@ -176,99 +179,43 @@ def fit_density(
     if epochs is not None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"Expected epochs to be a positive integer; got {epochs!r}")
-        total = epochs * per_epoch
-    else:
-        total = 2000 if steps is None else steps
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-            raise ValueError(f"Expected steps to be a positive integer; got {steps!r}")
+        steps = epochs * per_epoch
+    total = resolve_steps(steps, max_seconds, "density")
     every = validate_every or min(max(per_epoch, 20), 100)
 
     loss_fn, loss_name = density_loss(flow, loss)
     flow.initialize(x_train, c_train, knots=init_knots)
-    loop = Loop(flow, total=total, lr=lr, weight_decay=weight_decay, schedule=schedule,
+    loop = Loop(flow, steps=total, lr=lr, weight_decay=weight_decay, schedule=schedule,
                 clip_grad_norm=clip_grad_norm, max_seconds=max_seconds, callback=callback,
                 should_stop=should_stop, checkpoint_path=checkpoint_path,
-                checkpoint_every_s=checkpoint_every_s, resume=resume,
+                checkpoint_every_s=checkpoint_every_s, resume=resume, record_every=every,
+                seed=seed, batch_size=batch, patience=patience if n_val else None,
                 fingerprint={"objective": "density", "spec": flow.spec, "data": _digest(x, ctx),
                              "total": total, "batch": batch, "lr": lr, "wd": weight_decay,
                              "schedule": schedule, "clip": clip_grad_norm, "val": n_val,
                              "every": every, "patience": patience, "seed": seed,
                              "max_seconds": max_seconds, "init_knots": init_knots,
                              "loss": loss_name})
-    extra = loop.extra
-    extra.setdefault("best_val", None)
-    extra.setdefault("best_step", 0)
-    extra.setdefault("bad_checks", 0)
-    extra.setdefault("loss_sum", 0.0)
-    extra.setdefault("loss_count", 0)
-    if n_val and "best" not in {k.split(".", 1)[0] for k in loop.extra_tensors}:
-        loop.extra_tensors = {f"best.{k}": v for k, v in clone_state(flow).items()}
-    flow.train()
-    reason: str | None = None
-    perm: Tensor | None = None
-    perm_epoch = -1
-    try:
-        while True:
-            reason = loop.stop_reason()
-            if reason is None and n_val and patience is not None and extra["bad_checks"] >= patience:
-                reason = "early_stopping"
-            if reason is not None:
-                break
-            loop.check_cancel()
-            epoch, i = divmod(loop.step, per_epoch)
-            if epoch != perm_epoch:
-                perm = torch.randperm(n_train, generator=generator(seed, 1, epoch)).to(x.device)
-                perm_epoch = epoch
-            idx = perm[i * batch : (i + 1) * batch]
-            loss = loss_fn(flow, x_train[idx], None if c_train is None else c_train[idx],
-                           generator(seed, 4, loop.step))
-            if loop.update(loss):
-                extra["loss_sum"] += float(loss.detach())
-                extra["loss_count"] += 1
-            if loop.step % every == 0 or loop.step >= loop.total:
-                train_loss = extra["loss_sum"] / max(extra["loss_count"], 1)
-                extra["loss_sum"], extra["loss_count"] = 0.0, 0
-                val = None
-                if n_val:
-                    flow.train(False)
-                    val = _mean_nll(flow, x_val, c_val)
-                    flow.train()
-                    if extra["best_val"] is None or val < extra["best_val"]:
-                        extra.update(best_val=val, best_step=loop.step, bad_checks=0)
-                        loop.extra_tensors = {f"best.{k}": v
-                                              for k, v in clone_state(flow).items()}
-                    else:
-                        extra["bad_checks"] += 1
-                loop.record(loss=train_loss, val_loss=val)
-            else:
-                loop.report(float(loss.detach()), None)
-            loop.maybe_checkpoint()
-        loop.maybe_checkpoint(force=True)
-    finally:
-        flow.train(False)
-    if n_val:
-        flow.load_state_dict({k.split(".", 1)[1]: v for k, v in loop.extra_tensors.items()})
-    last = loop.history[-1] if loop.history else {}
-    summary = {
-        "objective": "density",
-        "loss_function": loss_name,
-        "data_shape": [n, flow.dim],
-        "train_rows": n_train,
-        "validation_rows": n_val,
-        "loss": last.get("loss"),
-        "val_loss": finite_or_none(extra["best_val"]),
-        "best_step": extra["best_step"] if n_val else loop.step,
-        "steps": loop.step,
-        "total_steps": total,
-        "epochs": round(loop.step / per_epoch, 3),
-        "batch_size": batch,
-        "lr": lr,
-        "schedule": schedule,
-        "seed": seed,
-        "duration_s": round(loop.elapsed, 3),
-        "resumed_from_step": loop.resumed_from,
-        "stopped_reason": reason,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_s": round(time.time() - started, 3),
-    }
+    order: dict[int, Tensor] = {}
+
+    def step(i: int) -> Tensor:
+        epoch, j = divmod(i, per_epoch)
+        if epoch not in order:
+            order.clear()
+            order[epoch] = torch.randperm(n_train, generator=generator(seed, 1, epoch)).to(x.device)
+        idx = order[epoch][j * batch : (j + 1) * batch]
+        return loss_fn(flow, x_train[idx], None if c_train is None else c_train[idx],
+                       generator(seed, 4, i))
+
+    loop.run(step, validate=(lambda: _mean_nll(flow, x_val, c_val)) if n_val else None)
+    summary = loop.summary(
+        objective="density",
+        loss_function=loss_name,
+        data_shape=[n, flow.dim],
+        train_rows=n_train,
+        validation_rows=n_val,
+        val_loss=finite_or_none(loop.extra["best_val"]),
+        best_step=loop.extra["best_step"] if n_val else loop.step,
+        epochs=round(loop.step / per_epoch, 3),
+    )
     return FitResult(flow=flow, history=loop.history, summary=summary)

@@ -22,10 +22,10 @@ from torch import Tensor
 
 from ..errors import NFCoreError, TrainingCancelled
 from ..flow import Flow
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import clone_state, load_checkpoint, save_checkpoint
 
 __all__ = ["Progress", "FitResult", "TrainingDiverged", "Loop", "generator", "learning_rate", "SCHEDULES",
-           "DEFAULT_STEPS"]
+           "DEFAULT_STEPS", "resolve_steps", "check_common"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -45,7 +45,8 @@ class Progress:
     """A progress report: ``loss`` is the mean training loss since the previous report."""
 
     step: int
-    total: int
+    #: The step budget, or None on a time budget alone (then ``eta`` follows the clock).
+    total: int | None
     loss: float | None
     val_loss: float | None
     elapsed: float
@@ -81,14 +82,21 @@ def _positive(name: str, v: Any, *, integer: bool = False, allow_zero: bool = Fa
                          f"{what}; got {v!r}")
 
 
-def learning_rate(step: int, total: int, lr: float, *, elapsed: float = 0.0,
+def learning_rate(step: int, total: int | None, lr: float, *, elapsed: float = 0.0,
                   max_seconds: float | None = None, schedule: str = "cosine") -> float:
-    """Linear warm-up over ``min(100, total // 20)`` steps, then ``schedule`` over whichever of
-    steps and wall clock is further on. Public so benchmarks give peers the very same recipe."""
-    warmup = min(100, total // 20)
-    if step < warmup:
+    """Linear warm-up over ``min(100, total // 20)`` steps (on a time budget alone, over 100 steps
+    or 5 % of the time, whichever is shorter), then ``schedule`` over whichever of steps and wall
+    clock is further on: on a time budget alone the schedule follows the clock, so a cosine decays
+    over the time given. Public so benchmarks give peers the very same recipe."""
+    if total is None:
+        warm = (step + 1) / 100
+        if max_seconds is not None:
+            warm = max(warm, elapsed / (0.05 * max_seconds))
+        if warm < 1.0:
+            return lr * warm
+    elif step < (warmup := min(100, total // 20)):
         return lr * (step + 1) / warmup
-    p = step / max(total, 1)
+    p = 0.0 if total is None else step / max(total, 1)
     if max_seconds is not None:
         p = max(p, elapsed / max_seconds)
     p = min(p, 1.0)
@@ -97,6 +105,17 @@ def learning_rate(step: int, total: int, lr: float, *, elapsed: float = 0.0,
     if schedule == "linear":
         return lr * (1.0 - p)
     return lr
+
+
+def resolve_steps(steps: int | None, max_seconds: float | None, objective: str) -> int | None:
+    """The step budget of a run given ``steps`` and ``max_seconds``: the steps when given, none
+    (train until the time budget or early stopping) for a time budget alone, and
+    ``DEFAULT_STEPS[objective]`` when neither is given."""
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"Expected steps to be a positive integer; got {steps!r}")
+        return steps
+    return None if max_seconds is not None else DEFAULT_STEPS[objective]
 
 
 def check_common(*, batch_size: int, lr: float, schedule: str, clip_grad_norm: float | None,
@@ -117,17 +136,24 @@ def check_common(*, batch_size: int, lr: float, schedule: str, clip_grad_norm: f
 
 
 class Loop:
-    """Optimizer, schedule, clipping, timing, reports, cancellation and checkpoints for one run.
+    """The bookkeeping every fit shares, so that ``fit_density`` and ``fit_target`` hold only their
+    objective: the optimizer and schedule, clipping, the step and time budgets, the history,
+    progress reports, cancellation, checkpoints and resumption, validation with early stopping and
+    the best weights, and the common part of the summary.
 
-    The caller owns the step: it computes a loss and calls ``update(loss)``; ``extra`` holds the
-    caller's own resumable state (JSON) and ``extra_tensors`` its tensors (e.g. the best weights).
+    The objective supplies ``step(i) -> loss`` (and, for early stopping, ``validate() -> loss``) to
+    ``run``. ``extra`` holds an objective's own resumable JSON state, ``extra_tensors`` its tensors.
+
+    Budgets: ``steps`` alone trains exactly that many steps, ``max_seconds`` alone trains until the
+    time is up, both stop at whichever comes first; early stopping (with ``validate`` and
+    ``patience``) can end any of them sooner.
     """
 
     def __init__(
         self,
         flow: Flow,
         *,
-        total: int,
+        steps: int | None,
         lr: float,
         weight_decay: float,
         schedule: str,
@@ -139,10 +165,17 @@ class Loop:
         checkpoint_every_s: float,
         resume: bool,
         fingerprint: dict[str, Any],
+        record_every: int,
+        seed: int,
+        batch_size: int,
+        patience: int | None = None,
         progress_every_s: float = 1.0,
     ):
+        if steps is None and max_seconds is None:
+            raise ValueError("Expected a step budget, a time budget or both; got neither")
+        self.started = time.time()
         self.flow = flow
-        self.total = total
+        self.total = steps
         self.base_lr = lr
         self.schedule = schedule
         self.clip = clip_grad_norm
@@ -151,6 +184,10 @@ class Loop:
         self.should_stop = should_stop
         self.path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.every = checkpoint_every_s
+        self.record_every = record_every
+        self.seed = seed
+        self.batch_size = batch_size
+        self.patience = patience
         self.progress_every = progress_every_s
         self.params = [p for p in flow.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
@@ -161,6 +198,7 @@ class Loop:
         self.extra_tensors: dict[str, Tensor] = {}
         self.bad_steps = 0
         self.resumed_from: int | None = None
+        self.stopped_reason: str | None = None
         self._elapsed_before = 0.0
         self._start = time.monotonic()
         self._last_checkpoint = self._start
@@ -168,6 +206,9 @@ class Loop:
         self.lr = lr
         if self.path is not None and resume and self.path.exists():
             self._resume()
+        for key, value in (("loss_sum", 0.0), ("loss_count", 0), ("best_val", None),
+                           ("best_step", 0), ("bad_checks", 0)):
+            self.extra.setdefault(key, value)
 
     # ------------------------------------------------------------------ time and schedule
     @property
@@ -182,10 +223,79 @@ class Loop:
         return learning_rate(self.step, self.total, self.base_lr, elapsed=self.elapsed,
                              max_seconds=self.max_seconds, schedule=self.schedule)
 
+    def stop_reason(self) -> str | None:
+        if self.total is not None and self.step >= self.total:
+            return "completed"
+        if self.out_of_time():
+            return "max_seconds"
+        if self.patience is not None and self.extra["bad_checks"] >= self.patience:
+            return "early_stopping"
+        return None
+
+    # ------------------------------------------------------------------ the run
+    def run(self, step: Callable[[int], Tensor], *, validate: Callable[[], float] | None = None,
+            annotate: Callable[[int], dict[str, Any]] | None = None) -> str:
+        """Train until a budget or early stopping ends the run; returns why it stopped.
+
+        ``step(i)`` returns the loss of step ``i`` (the loop backpropagates it and steps the
+        optimizer). Every ``record_every`` steps, and at the end, the mean training loss since the
+        last record goes into the history with ``validate()``'s loss and ``annotate(i)``'s fields.
+        With ``validate``, the weights of the best validation loss are kept, restored at the end,
+        and ``patience`` records without improvement stop the run.
+        """
+        if validate is not None and not any(k.startswith("best.") for k in self.extra_tensors):
+            self._keep_best()
+        extra = self.extra
+        self.flow.train()
+        try:
+            while (reason := self.stop_reason()) is None:
+                self.check_cancel()
+                loss = step(self.step)
+                if self.update(loss):
+                    extra["loss_sum"] += float(loss.detach())
+                    extra["loss_count"] += 1
+                end = self.total is not None and self.step >= self.total
+                if self.step % self.record_every == 0 or end or self.out_of_time():
+                    self._record(validate, annotate)
+                else:
+                    self.report(float(loss.detach()), None)
+                self.maybe_checkpoint()
+            if extra["loss_count"]:  # a time budget can end the run between two records
+                self._record(validate, annotate)
+            self.maybe_checkpoint(force=True)
+        finally:
+            self.flow.train(False)
+        if validate is not None:
+            self.flow.load_state_dict({k.split(".", 1)[1]: v
+                                       for k, v in self.extra_tensors.items()})
+        self.stopped_reason = reason
+        return reason
+
+    def _keep_best(self) -> None:
+        self.extra_tensors = {f"best.{k}": v for k, v in clone_state(self.flow).items()}
+
+    def _record(self, validate: Callable[[], float] | None,
+                annotate: Callable[[int], dict[str, Any]] | None) -> None:
+        extra = self.extra
+        mean = extra["loss_sum"] / extra["loss_count"] if extra["loss_count"] else None
+        extra["loss_sum"], extra["loss_count"] = 0.0, 0
+        val = None
+        if validate is not None:
+            self.flow.train(False)
+            val = validate()
+            self.flow.train()
+            if extra["best_val"] is None or val < extra["best_val"]:
+                extra.update(best_val=val, best_step=self.step, bad_checks=0)
+                self._keep_best()
+            else:
+                extra["bad_checks"] += 1
+        self.record(loss=mean, val_loss=val, **(annotate(self.step - 1) if annotate else {}))
+
     # ------------------------------------------------------------------ one step
     def check_cancel(self) -> None:
         if self.should_stop is not None and self.should_stop():
-            raise TrainingCancelled(f"Training cancelled at step {self.step} of {self.total}")
+            budget = "" if self.total is None else f" of {self.total}"
+            raise TrainingCancelled(f"Training cancelled at step {self.step}{budget}")
 
     def update(self, loss: Tensor) -> bool:
         """Backpropagate ``loss`` and take one optimizer step; skip (and return False) if it is not
@@ -214,14 +324,13 @@ class Loop:
 
     # ------------------------------------------------------------------ reports
     def eta(self) -> float | None:
+        left = None if self.max_seconds is None else max(self.max_seconds - self.elapsed, 0.0)
         done = self.step - (self.resumed_from or 0)
-        if done <= 0:
-            return None
+        if self.total is None or done <= 0:
+            return left
         run = self.elapsed - self._elapsed_before
         eta = run / done * (self.total - self.step)
-        if self.max_seconds is not None:
-            eta = min(eta, max(self.max_seconds - self.elapsed, 0.0))
-        return eta
+        return eta if left is None else min(eta, left)
 
     def record(self, **values: Any) -> None:
         """Append a history entry (with step, lr and elapsed) and report it."""
@@ -241,6 +350,28 @@ class Loop:
         self.callback(Progress(step=self.step, total=self.total, loss=finite_or_none(loss),
                                val_loss=finite_or_none(val_loss), elapsed=self.elapsed,
                                eta=self.eta()))
+
+    def summary(self, **fields: Any) -> dict[str, Any]:
+        """The objective's ``fields`` followed by what every run reports: the last training loss,
+        the steps taken and the budgets, the optimizer settings, the seed, timings, where it
+        resumed from and why it stopped."""
+        last = self.history[-1] if self.history else {}
+        return {
+            **fields,
+            "loss": fields.get("loss", last.get("loss")),
+            "steps": self.step,
+            "total_steps": self.total,
+            "max_seconds": self.max_seconds,
+            "batch_size": self.batch_size,
+            "lr": self.base_lr,
+            "schedule": self.schedule,
+            "seed": self.seed,
+            "duration_s": round(self.elapsed, 3),
+            "resumed_from_step": self.resumed_from,
+            "stopped_reason": self.stopped_reason,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "wall_s": round(time.time() - self.started, 3),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def maybe_checkpoint(self, *, force: bool = False) -> None:
@@ -272,10 +403,3 @@ class Loop:
         self.history = list(state["history"])
         self.extra = dict(state["extra"])
         self.bad_steps = int(state.get("bad_steps", 0))
-
-    def stop_reason(self) -> str | None:
-        if self.step >= self.total:
-            return "completed"
-        if self.out_of_time():
-            return "max_seconds"
-        return None

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..flow import Flow
 from ..targets import Target
 
-__all__ = ["MaximumLikelihood", "ReverseKL", "beta_schedule", "importance_diagnostics"]
+__all__ = ["MaximumLikelihood", "ReverseKL", "beta_schedule"]
 
 
 class MaximumLikelihood:
@@ -75,22 +75,3 @@ def beta_schedule(anneal_steps: int, start: float = 0.01) -> Callable[[int], flo
     if anneal_steps <= 0:
         return lambda t: 1.0
     return lambda t: min(1.0, start + (1.0 - start) * t / anneal_steps)
-
-
-@torch.no_grad()
-def importance_diagnostics(log_w: Tensor, log_z: float | None) -> dict[str, float | None]:
-    """ELBO, effective-sample-size fraction, importance estimate of log Z, and KL when log Z is known."""
-    log_w = log_w.double()
-    n = log_w.numel()
-    finite = torch.isfinite(log_w)
-    elbo = float(log_w.mean())
-    lse = torch.logsumexp(log_w, 0)
-    ess = float(torch.exp(2.0 * lse - torch.logsumexp(2.0 * log_w, 0))) / n
-    out: dict[str, float | None] = {
-        "elbo": elbo,
-        "elbo_stderr": float(log_w[finite].std() / n**0.5) if int(finite.sum()) > 1 else None,
-        "ess_fraction": ess,
-        "log_z_estimate": float(lse - torch.log(torch.tensor(float(n), dtype=torch.float64))),
-        "kl": None if log_z is None else log_z - elbo,
-    }
-    return out

@@ -39,10 +39,11 @@ def test_preset_mixing_sets_what_goes_between_layers(mixing, between):
     spec = {"preset": "nsf_ar", "dim": 3, "transforms": 3, "mixing": mixing}
     layers = nfcore.build(spec).spec["layers"]
     assert [entry["type"] for entry in layers] == [
-        "standardize", "nsf_ar", between["type"], "nsf_ar", between["type"], "nsf_ar"]
-    assert layers[2] == between
+        "standardize", "loc_scale", "nsf_ar", between["type"], "nsf_ar", between["type"],
+        "nsf_ar"]
+    assert layers[3] == between
     if mixing == "random":
-        assert layers[4]["seed"] == 2  # a different permutation each time
+        assert layers[5]["seed"] == 2  # a different permutation each time
     default = nfcore.build({k: v for k, v in spec.items() if k != "mixing"}).spec
     assert (default == nfcore.build(spec).spec) == (mixing == "reverse")
 

@@ -344,3 +344,40 @@ def test_summary_goes_into_the_artifact(tmp_path: Path):
     nfcore.save(result.flow, path, metadata={"training": result.summary})
     loaded = nfcore.load(path)
     assert json.loads(loaded.metadata["training"])["target"] == "U1"
+
+
+# --------------------------------------------------------------------------- budgets
+def test_a_time_budget_alone_trains_until_the_time_is_up_and_anneals_over_it():
+    for fit in (lambda f: nfcore.fit_density(f, _data(300), max_seconds=1.0, patience=None),
+                lambda f: nfcore.fit_target(f, "U1", max_seconds=1.0, ess_samples=500,
+                                            start="none")):
+        result = fit(_flow())
+        s = result.summary
+        assert s["stopped_reason"] == "max_seconds" and s["total_steps"] is None
+        assert s["max_seconds"] == 1.0 and s["steps"] > 0 and s["duration_s"] >= 1.0
+        # The cosine followed the clock: by the last record the learning rate has decayed.
+        assert result.history[-1]["lr"] < 0.05 * s["lr"]
+
+
+def test_a_step_budget_alone_trains_exactly_that_many_steps():
+    result = nfcore.fit_density(_flow(), _data(300), steps=37, patience=None)
+    assert result.summary["steps"] == result.summary["total_steps"] == 37
+    assert result.summary["stopped_reason"] == "completed" and result.history[-1]["step"] == 37
+    result = nfcore.fit_target(_flow(), "U1", steps=23, ess_samples=200)
+    assert result.summary["steps"] == 23 and result.summary["stopped_reason"] == "completed"
+
+
+def test_both_budgets_stop_at_whichever_comes_first():
+    short = nfcore.fit_target(_flow(), "U1", steps=5, max_seconds=3600.0, ess_samples=200)
+    assert short.summary["stopped_reason"] == "completed" and short.summary["steps"] == 5
+    # A learning rate far from the end of the schedule: the clock, not the steps, ended it.
+    quick = nfcore.fit_target(_flow(), "U1", steps=10**7, max_seconds=0.5, ess_samples=200)
+    assert quick.summary["stopped_reason"] == "max_seconds" and quick.summary["steps"] < 10**7
+
+
+def test_neither_budget_gives_the_documented_default():
+    assert nfcore.train.DEFAULT_STEPS == {"density": 2000, "variational": 5000}
+    flow = nfcore.build({"preset": "maf", "dim": 2, "transforms": 1, "hidden": [4]})
+    result = nfcore.fit_density(flow, _data(64), batch_size=8, validation_fraction=0.0)
+    assert result.summary["steps"] == result.summary["total_steps"] == 2000
+    assert result.summary["max_seconds"] is None

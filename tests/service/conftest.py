@@ -19,7 +19,7 @@ import torch
 from fastapi.testclient import TestClient
 
 import nfcore
-from service.app import create_app
+from service.api import create_app
 from service.client import Client
 from service.settings import Settings
 
@@ -109,7 +109,7 @@ def start_server(root: Path, env: dict[str, str] | None = None) -> Server:
                 "PYTHONPATH": str(ROOT), **(env or {})}
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host",
+        [sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app", "--host",
          "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         cwd=root, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

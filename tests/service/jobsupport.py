@@ -201,7 +201,7 @@ def wait_job(client: Any, job_id: str, deployment: Deployment | None = None, *,
 # ---------------------------------------------------------------------- job store helpers
 def job_row(deployment_or_url: Deployment | str, job_id: str) -> Any:
     """Read a job straight from the job store (not through the API)."""
-    from service.db import Database
+    from service.training import Database
 
     url = (deployment_or_url if isinstance(deployment_or_url, str)
            else deployment_or_url.env.get("NFSERVE_DATABASE_URL")

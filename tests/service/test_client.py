@@ -4,6 +4,7 @@ OpenAPI completeness and readiness."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def test_openapi_describes_every_field_with_an_example(app_client: TestClient) -
     for op in ("/log_prob", "/sample"):
         content = spec["paths"][op]["post"]["requestBody"]["content"]
         assert {"application/json", "application/octet-stream"} <= set(content)
-    from service import schemas
+    from service.api import schemas
 
     ours = {n for n in schemas.__all__ if isinstance(getattr(schemas, n), type)}
     missing = []
@@ -118,3 +119,31 @@ def test_openapi_describes_every_field_with_an_example(app_client: TestClient) -
                 missing.append(f"{name}.{field}")
     assert not missing, missing
     assert app_client.get("/docs").status_code == 200
+
+
+def test_async_client_has_every_method_of_the_client() -> None:
+    def methods(cls: type) -> dict[str, list[str]]:
+        return {name: list(inspect.signature(getattr(cls, name)).parameters)
+                for name in dir(cls) if not name.startswith("_") and name not in ("close", "aclose")}
+
+    assert methods(AsyncClient) == methods(Client)
+    assert all(inspect.iscoroutinefunction(getattr(AsyncClient, name))
+               for name in methods(AsyncClient))
+
+
+def test_async_client_plots_and_waits_for_jobs(server: Server) -> None:
+    job = {"name": "waited", "flow": {"preset": "maf", "dim": 2, "transforms": 1, "hidden": [4]},
+           "objective": {"kind": "density", "data": [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]}}
+
+    async def main():
+        async with AsyncClient(server.url) as ac:
+            png = await ac.plot("tiny", n=50, grid=20)
+            queued = await ac.train(job["name"], job["flow"], job["objective"], {"steps": 5})
+            with pytest.raises(TimeoutError, match="still queued"):  # no worker runs here
+                await ac.wait_job(queued["job_id"], timeout=0.2, poll=0.05)
+            await ac.cancel_job(queued["job_id"])
+            return png, await ac.wait_job(queued["job_id"], timeout=30, poll=0.05)
+
+    png, ended = asyncio.run(main())
+    assert png.startswith(b"\x89PNG")
+    assert ended["status"] == "cancelled"

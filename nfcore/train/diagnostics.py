@@ -1,0 +1,234 @@
+"""Diagnostics of a variational fit that can say "do not trust this".
+
+The importance weights ``w = p~(x) / q(x)`` of samples from the fitted flow ``q`` say how far ``q``
+is from the target, but only where ``q`` puts samples: an ESS fraction near 1 is no evidence about
+mass that ``q`` never visits. So four checks stand side by side:
+
+- ``pareto_k``: the Pareto-smoothed importance sampling k̂ (Vehtari, Simpson, Gelman, Yao & Gabry,
+  "Pareto Smoothed Importance Sampling", JMLR 2024), from ArviZ's implementation. k̂ ≥ 0.7: the
+  weights' right tail is so heavy that even importance-weighted estimates are unreliable; k̂ ≥ 0.5:
+  worth a look.
+- ``ess_fraction``: the importance-sampling effective sample size over the number of samples.
+- ``tail_fraction``: the share of samples that reach, at some spline layer, the region outside
+  ``[-bound, bound]`` where the spline is the identity: there the flow cannot shape the density,
+  so mass out there is mass the fit could not model.
+- ``missing_mass``: the share of the target's mass that ``q`` misses but a second, independent,
+  heavy-tailed proposal finds: a multivariate Cauchy with the location and scale of the fit's
+  Gaussian start (Pathfinder, see ``nfcore.train.start``). It and ``q`` are combined as a defensive
+  mixture (Hesterberg 1995; balance-heuristic multiple importance sampling), whose estimate of the
+  normalizing constant ``Z`` stays unbiased wherever either proposal reaches, and whose weights
+  are at most a constant times ``q``'s; ``1 - Z_q / Z_mixture`` is what ``q`` alone misses. On the
+  centred eight-schools model, a fit that found only the funnel's neck (the group scale's sd 0.4
+  times the truth) had k̂ 0.57 and an ESS of 86 %; this is what saw it (36 % missing).
+
+``verdict`` turns them into ``"ok"``, ``"check"`` or ``"unreliable"`` with the reasons, using
+``THRESHOLDS``: ``ok`` only when k̂ < 0.7, the ESS fraction is at least 0.2, no more than 0.1 % of
+samples reach a spline's identity tails (a standard normal puts 6e-7 of its mass beyond 5 per
+coordinate) and ``q`` misses at most 5 % of the mass.
+
+k̂ is scale-free: it describes the shape of the weights' right tail however little the weights
+vary. A near-exact fit's weights all lie within a fraction of a percent of each other, and the
+float32 noise of training leaves them a tail whose shape alone reads k̂ ≈ 0.7-0.8. So k̂ counts
+against a fit only when the weights vary: when the largest weight is more than ``FLAT_WEIGHTS``
+(1.1) times the mean. ``max_weight`` reports that ratio. And k̂ ≥ 0.7 with an ESS fraction of at
+least 0.9 (the heavy tail confined to rare draws; well-fitted posteriors often read so, as q's
+far tails get few training samples) is ``check``; with a lower ESS, ``unreliable``. Diagnostics are
+computed in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..flow import Flow
+from ..targets import Target
+from .importance import importance_diagnostics, psis
+from .loop import generator
+from .start import GaussianStart
+
+__all__ = ["THRESHOLDS", "FLAT_WEIGHTS", "psis", "importance_diagnostics", "sample_with_tails", "verdict",
+           "evaluate_target", "as_float64"]
+
+#: (check above, unreliable above) for each diagnostic; ESS fraction: (check below, unreliable below).
+THRESHOLDS: dict[str, tuple[float, float]] = {
+    "pareto_k": (0.7, 0.7),
+    "ess_fraction": (0.2, 0.02),
+    "tail_fraction": (1e-3, 1e-2),
+    "missing_mass": (0.05, 0.2),
+    "outside_support": (0.0, 0.01),
+}
+#: Weights whose largest is within this factor of their mean cannot move any estimate much.
+FLAT_WEIGHTS = 1.1
+#: With k̂ >= 0.7, an ESS fraction at least this high confines the heavy tail to rare draws: "check".
+MOSTLY_FLAT_ESS = 0.9
+#: Degrees of freedom of the defensive proposal behind ``missing_mass`` (1: Cauchy).
+DEFENSIVE_DF = 1
+_EVAL_CHUNK = 4096
+
+
+@torch.no_grad()
+def sample_with_tails(flow: Flow, noise: Tensor, context: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """``flow.sample_from_noise`` that also says, per sample, whether it reached the identity tails
+    of any spline layer on the way: ``(x, log_q, in_tail)``."""
+    z, log_q = noise, flow.base_log_prob(noise)
+    in_tail = torch.zeros(noise.shape[0], dtype=torch.bool, device=noise.device)
+    for layer in reversed(flow.layers):
+        z, ladj = layer.inverse(z, context)
+        log_q = log_q - ladj
+        if hasattr(layer, "tail_mask"):
+            in_tail |= layer.tail_mask(z)  # the layer's data-side input
+    return z, log_q, in_tail
+
+
+def verdict(diagnostics: dict[str, Any]) -> tuple[str, list[str]]:
+    """``("ok" | "check" | "unreliable", reasons)`` from the diagnostics (see ``THRESHOLDS``)."""
+    issues: list[tuple[int, str]] = []
+    k = diagnostics.get("pareto_k")
+    ess = diagnostics.get("ess_fraction")
+    flat = (diagnostics.get("max_weight") or math.inf) <= FLAT_WEIGHTS
+    if not flat and (k is None or not math.isfinite(k) or k >= THRESHOLDS["pareto_k"][1]):
+        shown = "not finite" if k is None or not math.isfinite(k) else f"{k:.2f}"
+        if ess is not None and ess >= MOSTLY_FLAT_ESS:
+            issues.append((1, f"Pareto k̂ is {shown} (≥ {THRESHOLDS['pareto_k'][1]}): q's tails are "
+                              "lighter than the target's somewhere, so the weights have a heavy "
+                              f"right tail; elsewhere they vary little (ESS {ess:.1%}), so central "
+                              "summaries are fine and tail quantities less so"))
+        else:
+            issues.append((2, f"Pareto k̂ is {shown} (≥ {THRESHOLDS['pareto_k'][1]}): the importance "
+                              "weights have a heavy right tail, so q misses parts of the target "
+                              "and even importance-weighted estimates are unreliable"))
+    check, bad = THRESHOLDS["ess_fraction"]
+    if ess is None or not math.isfinite(ess) or ess < bad:
+        issues.append((2, f"the importance-sampling ESS is {ess or 0:.1%} of the samples (< {bad:.0%})"))
+    elif ess < check:
+        issues.append((1, f"the importance-sampling ESS is {ess:.1%} of the samples (< {check:.0%})"))
+    tail = diagnostics.get("tail_fraction")
+    check, bad = THRESHOLDS["tail_fraction"]
+    if tail is not None and tail > check:
+        issues.append((2 if tail > bad else 1,
+                       f"{tail:.2%} of the samples reach a spline layer's identity tails (outside "
+                       "its [-bound, bound]), where the flow cannot shape the density: raise the "
+                       "spline's bound or fit with a loc_scale layer on the data side"))
+    missing = diagnostics.get("missing_mass")
+    check, bad = THRESHOLDS["missing_mass"]
+    if missing is not None and missing > check:
+        issues.append((2 if missing > bad else 1,
+                       f"q misses about {missing:.0%} of the target's mass, which a heavy-tailed "
+                       "proposal around a Gaussian approximation of the target finds: q's samples "
+                       "rarely visit it, so its ESS and k̂ cannot see it"))
+    outside = diagnostics.get("outside_support")
+    check, bad = THRESHOLDS["outside_support"]
+    if outside is not None and outside > check:
+        issues.append((2 if outside > bad else 1,
+                       f"{outside:.2%} of q's samples fall where the target's density is zero "
+                       "or not a number"))
+    if not issues:
+        return "ok", []
+    worst = max(level for level, _ in issues)
+    return ("unreliable" if worst == 2 else "check"), [reason for _, reason in issues]
+
+
+def as_float64(flow: Flow) -> Flow:
+    """A float64 copy of ``flow`` (same weights): diagnostics computed with it see the fit, not
+    float32 round-off, which alone gives a perfect fit's near-constant weights a heavy-looking tail."""
+    if flow.dtype == torch.float64:
+        return flow
+    twin = copy.deepcopy(flow).to(torch.float64)
+    twin.spec = {**flow.spec, "dtype": "float64"}
+    return twin.train(False)
+
+
+@torch.no_grad()
+def evaluate_target(flow: Flow, target: Target, n: int = 20_000, seed: int = 0, *,
+                    start: GaussianStart | None = None) -> dict[str, Any]:
+    """Importance diagnostics of ``flow`` as an approximation of ``target`` from ``n`` samples:
+    ``elbo``, ``elbo_stderr``, ``ess_fraction``, ``log_z_estimate``, ``kl`` (when ``log_z`` is
+    known; ``KL(q||p) = log Z - ELBO``, in nats), ``ess_samples`` and ``diagnostics``
+    (``pareto_k``, ``ess_fraction``, ``tail_fraction``, ``missing_mass`` when a Gaussian ``start``
+    is given, ``verdict`` and ``reasons``).
+
+    Example:
+        >>> import nfcore, torch
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> flow = nfcore.build({"preset": "nsf", "dim": 2, "transforms": 1, "hidden": [8],
+        ...                      "bound": 1.0})
+        >>> report = evaluate_target(flow, nfcore.targets.get("banana"), 2000)
+        >>> report["diagnostics"]["verdict"], report["diagnostics"]["tail_fraction"] > 0.1
+        ('unreliable', True)
+    """
+    was_training = flow.training
+    flow.train(False)
+    live, flow = flow, as_float64(flow)
+    gen = generator(seed, 3)
+    log_w_parts, tail_parts, xs, log_qs, log_ps = [], [], [], [], []
+    for i in range(0, n, _EVAL_CHUNK):
+        m = min(_EVAL_CHUNK, n - i)
+        eps = torch.randn(m, flow.dim, generator=gen, dtype=flow.dtype).to(flow.device)
+        x, log_q, in_tail = sample_with_tails(flow, eps)
+        log_p = target.log_prob(x)
+        log_w_parts.append(log_p - log_q)
+        tail_parts.append(in_tail)
+        if start is not None:
+            xs.append(x)
+            log_qs.append(log_q)
+            log_ps.append(log_p)
+    log_w = torch.cat(log_w_parts)
+    out: dict[str, Any] = importance_diagnostics(log_w, target.log_z)
+    out["ess_samples"] = n
+    _, k = psis(log_w)
+    nan = torch.isnan(log_w) | (log_w == math.inf)
+    finite = log_w[torch.isfinite(log_w)]
+    top = float(torch.exp(finite.max() - torch.logsumexp(finite, 0)) * finite.numel()) \
+        if finite.numel() else None
+    diagnostics: dict[str, Any] = {
+        "pareto_k": k if math.isfinite(k) else None,
+        "max_weight": top,
+        "ess_fraction": out["ess_fraction"] if not bool(nan.any()) else 0.0,
+        "tail_fraction": float(torch.cat(tail_parts).double().mean()),
+        "outside_support": float((~torch.isfinite(log_w)).double().mean()),
+    }
+    if start is not None:
+        diagnostics["missing_mass"] = _missing_mass(
+            flow, target, start, torch.cat(xs), torch.cat(log_qs), torch.cat(log_ps), seed)
+    live.train(was_training)
+    diagnostics["verdict"], diagnostics["reasons"] = verdict(diagnostics)
+    out["diagnostics"] = {k: (round(v, 6) if isinstance(v, float) else v)
+                          for k, v in diagnostics.items()}
+    return out
+
+
+def _missing_mass(flow: Flow, target: Target, start: GaussianStart, x_q: Tensor, log_q: Tensor,
+                  log_p: Tensor, seed: int) -> float | None:
+    """``1 - Z_q / Z_mix``: ``Z_q`` from ``q``'s samples alone, ``Z_mix`` from them together with
+    draws from a Student-t around the ``start``, weighted by the balance heuristic (the mixture
+    density)."""
+    n_q = x_q.shape[0]
+    n_g = max(n_q // 4, 1)
+    x_g = start.sample(n_g, generator(seed, 4), df=DEFENSIVE_DF)
+    log_p_g = target.log_prob(x_g.to(flow.dtype)).double()
+    log_q_g = torch.cat([flow.log_prob(x_g[i : i + _EVAL_CHUNK].to(flow.dtype))
+                         for i in range(0, n_g, _EVAL_CHUNK)]).double()
+    log_g_q = start.log_prob(x_q.double(), df=DEFENSIVE_DF)
+    log_g_g = start.log_prob(x_g, df=DEFENSIVE_DF)
+    total = math.log(n_q + n_g)
+
+    def mixture(lq: Tensor, lg: Tensor) -> Tensor:
+        return torch.logaddexp(lq + math.log(n_q), lg + math.log(n_g)) - total
+
+    log_w_mix = torch.cat([log_p.double() - mixture(log_q.double(), log_g_q),
+                           log_p_g - mixture(log_q_g, log_g_g)])
+    log_w_q = log_p.double() - log_q.double()
+    for w in (log_w_mix, log_w_q):
+        w[torch.isnan(w)] = -math.inf
+    if not bool(torch.isfinite(log_w_mix).any()) or not bool(torch.isfinite(log_w_q).any()):
+        return None
+    log_z_mix = torch.logsumexp(log_w_mix, 0) - math.log(log_w_mix.numel())
+    log_z_q = torch.logsumexp(log_w_q, 0) - math.log(n_q)
+    return float(1.0 - torch.exp(log_z_q - log_z_mix))

@@ -1,0 +1,118 @@
+"""The model cache: loaded models by ``(name, version)``, each with its batcher, under an LRU bound.
+
+``ModelCache.get`` resolves the version (the latest when omitted, looked up on every request, so a
+new version is served without a restart) and loads the model off the event loop on a miss. One
+lock per device lets one forward pass run at a time, whichever model it belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import nfcore
+
+from ..errors import ModelUnavailable
+from ..metrics import Metrics
+from ..settings import Settings
+from ..store import ModelStore
+from .batcher import Batcher, BatcherConfig
+from .forward import forward
+
+__all__ = ["ModelCache", "LoadedModel"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: its flow and the batcher in front of it."""
+
+    name: str
+    version: int
+    flow: nfcore.Flow
+    batcher: Batcher
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+class ModelCache:
+    """Loaded models and their batchers. Create in the app's lifespan, ``close()`` on shutdown."""
+
+    def __init__(self, settings: Settings, store: ModelStore, metrics: Metrics | None = None):
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.device = settings.resolved_device
+        self.config = BatcherConfig(
+            batching=settings.batching, max_batch_rows=settings.max_batch_rows,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            max_queued_rows=settings.max_queued_rows, torch_threads=settings.torch_threads)
+        self._cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+        self._loading: dict[tuple[str, int], asyncio.Future] = {}
+        self._device_lock = threading.Lock()  # one forward pass at a time per device
+
+    @property
+    def cached(self) -> list[tuple[str, int]]:
+        """``(name, version)`` of the loaded models, least recently used first."""
+        return list(self._cache)
+
+    def health(self) -> tuple[str, bool, str]:
+        """The readiness check of inference: the device and what is loaded."""
+        return "inference", True, f"device {self.device}, {len(self._cache)} models loaded"
+
+    def _load(self, name: str, version: int) -> nfcore.Flow:
+        try:
+            return nfcore.load(self.store.path(name, version), device=self.device)
+        except nfcore.ArtifactError as e:
+            raise ModelUnavailable(f"Model {name!r} version {version} cannot be loaded: {e}"
+                                   ) from None
+
+    async def get(self, name: str, version: int | None = None) -> LoadedModel:
+        """The loaded model (latest version when ``version`` is None), loading it on a miss."""
+        self.store.check_name(name)
+        version = self.store.resolve(name, version)  # a few stat calls: fine on the loop
+        key = (name, version)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            if self.metrics:
+                self.metrics.cache_hits.inc()
+            return hit
+        task = self._loading.get(key)
+        if task is None:
+            # The load is a task of its own, so a request that goes away (cancelled) never
+            # cancels it for the other requests waiting on the same model.
+            if self.metrics:
+                self.metrics.cache_misses.inc()
+            task = asyncio.ensure_future(self._load_into_cache(name, version))
+            self._loading[key] = task
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load_into_cache(self, name: str, version: int) -> LoadedModel:
+        flow = await asyncio.to_thread(self._load, name, version)
+        batcher = Batcher(forward(flow, self.config.max_batch_rows), f"{name}:{version}",
+                          self.config, metrics=self.metrics, device_lock=self._device_lock)
+        model = LoadedModel(name, version, flow, batcher)
+        self._cache[(name, version)] = model
+        self._evict()
+        return model
+
+    def _evict(self) -> None:
+        while len(self._cache) > self.settings.model_cache_size:
+            _, old = self._cache.popitem(last=False)
+            threading.Thread(target=old.batcher.close, daemon=True).start()
+            if self.metrics:
+                self.metrics.cache_evictions.inc()
+        if self.metrics:
+            self.metrics.cache_size.set(len(self._cache))
+
+    def close(self) -> None:
+        for model in self._cache.values():
+            model.batcher.close(timeout=10)
+        self._cache.clear()
+        if self.metrics:
+            self.metrics.cache_size.set(0)
