@@ -144,7 +144,7 @@ def test_training_estimates_repeat_from_the_same_state():
 def test_resflow_preset_puts_actnorm_before_each_block_and_fits_data():
     spec = {"preset": "resflow", "dim": 2, "transforms": 3, "hidden": [16], "lipschitz": 0.9}
     kinds = [layer["type"] for layer in nfcore.normalize_spec(spec)["layers"]]
-    assert kinds == ["standardize"] + ["actnorm", "residual"] * 3
+    assert kinds == ["standardize", "loc_scale"] + ["actnorm", "residual"] * 3
     torch.manual_seed(0)
     flow = nfcore.build(spec)
     g = torch.Generator().manual_seed(0)

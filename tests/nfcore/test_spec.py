@@ -123,9 +123,9 @@ def test_spec_error_is_a_value_error():
 
 
 @pytest.mark.parametrize(("preset", "expected"), [
-    ("resflow", ["standardize", "actnorm", "residual", "actnorm", "residual"]),
-    ("sylvester", ["standardize", "sylvester", "sylvester"]),
-    ("cnf", ["standardize", "cnf"])])
+    ("resflow", ["standardize", "loc_scale", "actnorm", "residual", "actnorm", "residual"]),
+    ("sylvester", ["standardize", "loc_scale", "sylvester", "sylvester"]),
+    ("cnf", ["standardize", "loc_scale", "cnf"])])
 def test_new_presets_expand_and_take_their_layers_hyper_parameters(preset, expected):
     params = {"resflow": {"lipschitz": 0.9, "exact_dim": 4, "hidden": [8]},
               "sylvester": {"kind": "householder", "reflections": 2},
@@ -135,7 +135,7 @@ def test_new_presets_expand_and_take_their_layers_hyper_parameters(preset, expec
         spec["transforms"] = 2
     layers = nfcore.normalize_spec(spec)["layers"]
     assert [layer["type"] for layer in layers] == expected
-    for layer in layers[1:]:
+    for layer in layers:
         if layer["type"] == expected[-1]:
             assert {k: layer[k] for k in params} == params
 
