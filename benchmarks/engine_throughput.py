@@ -115,6 +115,9 @@ def cnf_row(batch: int, dim: int, repeats: int) -> list:
     torch.manual_seed(0)
     ours = nfcore.build({"preset": "cnf", "dim": dim, "hidden": HIDDEN, "activation": "elu",
                          **CNF_TOL})
+    # nfcore's field starts at zero (the identity); give it a random last layer, as zuko's has,
+    # so that both solvers integrate a non-trivial random field.
+    ours.layers[-1].field.linears[-1].reset_parameters()
     torch.manual_seed(0)
     theirs = zuko.flows.CNF(dim, hidden_features=HIDDEN, **CNF_TOL)
     x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))

@@ -101,6 +101,11 @@ class VectorField(nn.Module):
         widths = [dim + 1 + 2 * freqs + context_dim, *hidden, dim]
         self.linears = nn.ModuleList(Dense(a, b) for a, b in zip(widths[:-1], widths[1:],
                                                                  strict=True))
+        # v = 0 at first: the layer starts as the identity, so whatever the layers in front of
+        # it fitted (a standardize, a loc_scale set from a Pathfinder start) is where training
+        # starts. The last layer's gradient is not zero, so training moves off it at once.
+        nn.init.zeros_(self.linears[-1].weight)
+        nn.init.zeros_(self.linears[-1].bias)
         self.activation = activation
         self._act = _activation(activation)
         self._act_into = _activation_into(activation)

@@ -127,7 +127,8 @@ def fit_density(
             ``Flow.initialize``); False keeps the flow's own, e.g. to go on from a trained flow.
         loss: ``"likelihood"`` (maximum likelihood), ``"flow_matching"`` (for a flow ending in a
             ``cnf`` layer; see ``nfcore.train.FlowMatching``, whose instances are accepted too)
-            or ``None``: flow matching for such a flow, maximum likelihood otherwise. The
+            or ``None``: flow matching for such a flow (one ``cnf`` layer, last), maximum
+            likelihood otherwise. The
             validation loss is the held-out negative log-likelihood either way.
 
     Returns:

@@ -99,10 +99,11 @@ def density_loss(flow: Flow, loss: Any = None) -> tuple[
         Callable[[Flow, Tensor, Tensor | None, torch.Generator], Tensor], str]:
     """The step loss ``fit_density`` uses and its name: ``"likelihood"`` (maximum likelihood),
     ``"flow_matching"`` (``FlowMatching()``), a ``FlowMatching`` instance, or ``None``: flow
-    matching for a flow ending in a ``cnf`` layer, maximum likelihood otherwise."""
+    matching for a flow whose last layer is its only ``cnf`` layer, maximum likelihood otherwise
+    (for a stack of CNF layers too)."""
     if loss is None:
-        ends_in_cnf = len(flow.layers) > 0 and isinstance(flow.layers[-1], CNF)
-        loss = "flow_matching" if ends_in_cnf else "likelihood"
+        cnfs = [isinstance(layer, CNF) for layer in flow.layers]
+        loss = "flow_matching" if sum(cnfs) == 1 and cnfs[-1] else "likelihood"
     if loss == "flow_matching":
         loss = FlowMatching()
     if isinstance(loss, FlowMatching):
