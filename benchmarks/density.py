@@ -16,6 +16,18 @@ Fits run in ``--jobs`` worker processes of one torch thread each.
     python benchmarks/density.py [--data /work/shared/data] [--splits 3] [--jobs 2]
 
 Writes ``benchmarks/results/density.md``.
+
+``--compare cnf`` runs nfcore's ``cnf`` preset trained by flow matching next to zuko's ``CNF``
+trained by maximum likelihood (FFJORD), and ``--compare resflow`` nfcore's ``resflow`` next to
+normflows' residual flow; each with the best preset (``--preset``, ``nsf_ar`` with ``lu`` mixing)
+in the same run, as the reference. All three get the same split, validation rows, early stopping,
+schedule and ``--max-seconds`` of wall clock (their step cap, ``--solver-steps``, is set so that
+the clock binds). The peers' held-out log-likelihood is exact: zuko's CNF integrates the exact
+divergence; normflows' residual flow is scored with the full Jacobian of its data-to-latent map
+by autograd (its own ``log_prob`` is a stochastic estimate above two dimensions). On the 2-D sets
+both residual flows' densities are also integrated over a grid (``mass``): 1 for a normalised
+density. Writes
+``benchmarks/results/density_cnf.md`` or ``density_resflow.md``.
 """
 
 from __future__ import annotations
@@ -40,27 +52,82 @@ from nfcore.train.density import split  # noqa: E402
 from nfcore.train.loop import generator, learning_rate  # noqa: E402
 
 
-def fit_nfcore(spec: dict, train: np.ndarray, args) -> tuple[nfcore.Flow, dict]:
+def fit_nfcore(spec: dict, train: np.ndarray, args,
+               validate_every: int | None = None) -> tuple[nfcore.Flow, dict]:
     torch.manual_seed(args.seed)
     flow = nfcore.build(spec)
     result = nfcore.fit_density(flow, train, steps=args.steps, batch_size=args.batch, lr=args.lr,
                                 max_seconds=args.max_seconds, seed=args.seed,
-                                patience=args.patience, init_knots=args.init_knots)
+                                patience=args.patience, init_knots=args.init_knots,
+                                validate_every=validate_every)
     return flow, result.summary
 
 
-def fit_zuko(train: np.ndarray, args) -> tuple[object, torch.Tensor, torch.Tensor, dict]:
-    """zuko NSF with nfcore's protocol written out: same split, schedule, clipping, early stop."""
+def zuko_nsf(dim: int, args):
     import zuko
 
+    flow = zuko.flows.NSF(dim, transforms=args.transforms, hidden_features=args.hidden,
+                          bins=args.bins)
+    return flow, lambda x: flow().log_prob(x)
+
+
+def zuko_cnf(dim: int, args):
+    """zuko's CNF as its docs build it, with the hidden widths of nfcore's cnf preset."""
+    import zuko
+
+    flow = zuko.flows.CNF(dim, hidden_features=args.cnf_hidden)
+    return flow, lambda x: flow().log_prob(x)
+
+
+def normflows_resflow(dim: int, args):
+    """normflows' residual flow as in its example: Lipschitz MLPs, an ActNorm after each block."""
+    import normflows as nf
+
+    blocks = []
+    for _ in range(args.transforms):
+        net = nf.nets.LipschitzMLP([dim, *args.res_hidden, dim], init_zeros=True,
+                                   lipschitz_const=args.lipschitz)
+        blocks += [nf.flows.Residual(net, reduce_memory=True), nf.flows.ActNorm(dim)]
+    model = nf.NormalizingFlow(nf.distributions.DiagGaussian(dim, trainable=False), blocks)
+    return model, model.log_prob
+
+
+def exact_normflows_log_prob(model, x: torch.Tensor) -> torch.Tensor:
+    """log q(x) from the full Jacobian of the data-to-latent map (rows are independent)."""
+    model.train(False)
+    out = []
+    for i in range(0, x.shape[0], 1000):
+        xb = x[i : i + 1000].clone().requires_grad_()
+        z = model.inverse(xb)
+        jac = torch.stack([torch.autograd.grad(z[:, k].sum(), xb, retain_graph=True)[0]
+                           for k in range(x.shape[1])], dim=1)
+        base = model.q0.log_prob(z)
+        out.append((base + torch.linalg.slogdet(jac)[1]).detach())
+    return torch.cat(out)
+
+
+def grid_mass(log_prob, lim: float = 8.0, n: int = 201) -> float:
+    """The integral of a 2-D density over ``[-lim, lim]^2`` (trapezoid rule on an n x n grid):
+    1 for a normalised density whose mass lies in the box."""
+    t = torch.linspace(-lim, lim, n)
+    grid = torch.cartesian_prod(t, t)
+    p = torch.cat([log_prob(grid[i : i + 20_000]).detach().exp()
+                   for i in range(0, len(grid), 20_000)])
+    h = 2 * lim / (n - 1)
+    return float(torch.trapezoid(torch.trapezoid(p.reshape(n, n), dx=h, dim=1), dx=h))
+
+
+def fit_zuko(train: np.ndarray, args, make=zuko_nsf) -> tuple[object, torch.Tensor, torch.Tensor,
+                                                              dict]:
+    """A peer with nfcore's protocol written out: same split, schedule, clipping, early stop.
+    ``make(dim, args)`` returns the model and its ``log_prob``."""
     x = torch.as_tensor(train, dtype=torch.float32)
     tr_idx, val_idx = split(x.shape[0], 0.1, args.seed)
     x_tr, x_val = x[tr_idx], x[val_idx]
     loc, scale = x_tr.mean(0), x_tr.std(0).clamp(min=1e-6)
     x_tr, x_val = (x_tr - loc) / scale, (x_val - loc) / scale
     torch.manual_seed(args.seed)
-    flow = zuko.flows.NSF(x.shape[1], transforms=args.transforms, hidden_features=args.hidden,
-                          bins=args.bins)
+    flow, log_prob = make(x.shape[1], args)
     params = list(flow.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     n = x_tr.shape[0]
@@ -70,11 +137,12 @@ def fit_zuko(train: np.ndarray, args) -> tuple[object, torch.Tensor, torch.Tenso
     best, best_state, bad, step = math.inf, None, 0, 0
     start = time.monotonic()
     perm = None
+    flow.train()
     while step < args.steps and time.monotonic() - start < args.max_seconds and bad < args.patience:
         epoch, i = divmod(step, per_epoch)
         if i == 0 or perm is None:
             perm = torch.randperm(n, generator=generator(args.seed, 1, epoch))
-        loss = -flow().log_prob(x_tr[perm[i * batch : (i + 1) * batch]]).mean()
+        loss = -log_prob(x_tr[perm[i * batch : (i + 1) * batch]]).mean()
         lr = learning_rate(step, args.steps, args.lr, elapsed=time.monotonic() - start,
                            max_seconds=args.max_seconds)
         opt.zero_grad(set_to_none=True)
@@ -86,8 +154,10 @@ def fit_zuko(train: np.ndarray, args) -> tuple[object, torch.Tensor, torch.Tenso
                 opt.step()
         step += 1
         if step % every == 0 or step >= args.steps:
+            flow.train(False)
             with torch.no_grad():
-                val = float(-flow().log_prob(x_val).mean())
+                val = float(-log_prob(x_val).mean())
+            flow.train()
             if val < best:
                 best, bad = val, 0
                 best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
@@ -95,6 +165,7 @@ def fit_zuko(train: np.ndarray, args) -> tuple[object, torch.Tensor, torch.Tenso
                 bad += 1
     if best_state is not None:
         flow.load_state_dict(best_state)
+    flow.train(False)
     stats = {"steps": step, "duration_s": time.monotonic() - start,
              "val_loss": best + float(torch.log(scale).sum())}
     return flow, loc, scale, stats
@@ -114,20 +185,47 @@ def run_one(task: tuple) -> dict:
     order = np.random.default_rng(split_seed).permutation(len(data))
     cut = int(0.8 * len(data))
     train, test = data[order[:cut]], data[order[cut:]]
-    if lib == "nfcore":
-        spec = {"preset": args.preset, "dim": data.shape[1], "transforms": args.transforms,
-                "hidden": args.hidden, "bins": args.bins, "mixing": args.mixing}
-        flow, s = fit_nfcore(spec, train, args)
+    dim = data.shape[1]
+    mass = None
+    if lib in ("nfcore", "nfcore_cnf", "nfcore_resflow"):
+        spec = {"nfcore": {"preset": args.preset, "dim": dim, "transforms": args.transforms,
+                           "hidden": args.hidden, "bins": args.bins, "mixing": args.mixing},
+                "nfcore_cnf": {"preset": "cnf", "dim": dim, "hidden": args.cnf_hidden,
+                               "activation": args.cnf_activation},
+                "nfcore_resflow": {"preset": "resflow", "dim": dim,
+                                   "transforms": args.transforms, "hidden": args.res_hidden,
+                                   "lipschitz": args.lipschitz}}[lib]
+        fit_args = args if lib == "nfcore" else argparse.Namespace(
+            **{**vars(args), "steps": args.solver_steps})
+        flow, s = fit_nfcore(spec, train, fit_args,
+                             validate_every=args.fm_validate_every if lib == "nfcore_cnf" else None)
         with torch.no_grad():
             ll = float(flow.log_prob(test).double().mean())
         how = f"{s['steps']} / {s['duration_s']:.0f} s ({s['stopped_reason']})"
+        if lib == "nfcore_resflow" and dim == 2:  # the mass of the density, over standardized units
+            loc = torch.as_tensor(train.mean(0))
+            scale = torch.as_tensor(train.std(0, ddof=1))
+            with torch.no_grad():
+                mass = grid_mass(lambda u: flow.log_prob(loc + scale * u)
+                                 + torch.log(scale).sum())
     else:
-        zflow, loc, scale, z = fit_zuko(train, args)
-        with torch.no_grad():
-            t = (torch.as_tensor(test) - loc) / scale
-            ll = float((zflow().log_prob(t) - torch.log(scale).sum()).double().mean())
+        make = {"zuko": zuko_nsf, "zuko_cnf": zuko_cnf, "normflows_resflow": normflows_resflow}[lib]
+        peer_args = args if lib == "zuko" else argparse.Namespace(
+            **{**vars(args), "steps": args.solver_steps})
+        zflow, loc, scale, z = fit_zuko(train, peer_args, make)
+        t = (torch.as_tensor(test) - loc) / scale
+        if lib == "normflows_resflow":
+            lp = exact_normflows_log_prob(zflow, t)
+            if dim == 2:
+                mass = grid_mass(lambda u: exact_normflows_log_prob(zflow, u))
+        else:
+            with torch.no_grad():
+                lp = zflow().log_prob(t)
+        ll = float((lp - torch.log(scale).sum()).double().mean())
         how = f"{z['steps']} / {z['duration_s']:.0f} s"
-    print(f"{path.stem:32s} split {split_seed}  {lib:6s} {ll:9.4f}  ({how})", flush=True)
+    print(f"{path.stem:32s} split {split_seed}  {lib:17s} {ll:9.4f}  ({how})", flush=True)
+    if mass is not None:
+        how += f", mass {mass:.3f}"
     return {"set": path.stem, "shape": data.shape, "split": split_seed, "lib": lib, "ll": ll,
             "how": how}
 
@@ -154,6 +252,19 @@ def main() -> None:
     parser.add_argument("--no-init-knots", dest="init_knots", action="store_false",
                         help="start nfcore's splines from their random knots, not the data's")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--compare", choices=["nsf", "cnf", "resflow"], default="nsf",
+                        help="nsf: nfcore's best preset vs zuko NSF (density.md); cnf: nfcore cnf "
+                             "(flow matching) vs zuko CNF (likelihood); resflow: nfcore resflow "
+                             "vs normflows' residual flow; the last two with the best preset")
+    parser.add_argument("--solver-steps", type=int, default=1_000_000,
+                        help="step cap of the cnf and resflow fits and their peers (the wall "
+                             "clock binds first)")
+    parser.add_argument("--cnf-hidden", type=int, nargs="+", default=[128, 128])
+    parser.add_argument("--cnf-activation", default="silu")
+    parser.add_argument("--fm-validate-every", type=int, default=250,
+                        help="flow-matching steps between validations (an ODE solve each)")
+    parser.add_argument("--res-hidden", type=int, nargs="+", default=[128, 128])
+    parser.add_argument("--lipschitz", type=float, default=0.97)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # as in the workers, so the header names their threads
     load_before = os.getloadavg()
@@ -162,6 +273,9 @@ def main() -> None:
     files = sorted(args.data.glob("*.npy"))
     if args.datasets:
         files = [f for f in files if f.stem in args.datasets]
+    if args.compare != "nsf":
+        compare_solvers(files, args, load_before, started)
+        return
     tasks = [(path, split_seed, lib, args) for path in files for split_seed in range(args.splits)
              for lib in ("nfcore", "zuko")]
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
@@ -222,6 +336,81 @@ Each split:
     cmd = "python benchmarks/density.py " + " ".join(sys.argv[1:])
     print(write_result("density", "Density estimation: held-out log-likelihood, nfcore vs zuko",
                        body, cmd.strip()))
+
+
+def compare_solvers(files: list[Path], args, load_before: tuple, started: float) -> None:
+    """``--compare cnf`` or ``resflow``: nfcore's family, its peer and the best preset."""
+    ours, peer = {"cnf": ("nfcore_cnf", "zuko_cnf"),
+                  "resflow": ("nfcore_resflow", "normflows_resflow")}[args.compare]
+    names = {"nfcore_cnf": "nfcore cnf (flow matching)", "zuko_cnf": "zuko CNF (likelihood)",
+             "nfcore_resflow": "nfcore resflow", "normflows_resflow": "normflows residual flow",
+             "nfcore": f"nfcore {args.preset}+{args.mixing} (best preset)"}
+    libs = (ours, peer, "nfcore")
+    tasks = [(path, k, lib, args) for path in files for k in range(args.splits) for lib in libs]
+    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        results = pool.map(run_one, tasks, chunksize=1)
+    by = {(r["set"], r["split"], r["lib"]): r for r in results}
+    summary, detail, wins = [], [], []
+    for path in files:
+        ll = {lib: np.array([by[path.stem, k, lib]["ll"] for k in range(args.splits)])
+              for lib in libs}
+        wins.append(ll[ours].mean() >= ll[peer].mean())
+        shape = by[path.stem, 0, ours]["shape"]
+        summary.append([path.stem, f"{shape[0]} × {shape[1]}", _mean_sd(ll[ours]),
+                        _mean_sd(ll[peer]), f"{(ll[ours] - ll[peer]).mean():+.4f}",
+                        _mean_sd(ll["nfcore"]), f"{(ll[ours] - ll['nfcore']).mean():+.4f}"])
+        for k in range(args.splits):
+            detail.append([path.stem, k, *[f"{by[path.stem, k, lib]['ll']:.4f}" for lib in libs],
+                           *[by[path.stem, k, lib]["how"] for lib in libs]])
+    verdict = (f"{names[ours]}'s mean held-out log-likelihood is at least {names[peer]}'s on "
+               f"{sum(wins)} of {len(wins)} sets")
+    print(verdict)
+    for row in summary:
+        print(row)
+    if args.no_write or args.datasets:
+        return
+    arch = (f"nfcore `cnf` preset: a standardize layer and one CNF layer, vector field MLP "
+            f"{args.cnf_hidden} ({args.cnf_activation}), dopri5 at rtol 1e-5 / atol 1e-6, "
+            f"trained by flow matching (conditional OT paths), validated every "
+            f"{args.fm_validate_every} steps by the exact held-out likelihood. zuko `CNF` with "
+            f"hidden {args.cnf_hidden} (ELU, its default), trained by maximum likelihood through "
+            f"its solver (rtol 1e-5 / atol 1e-6)."
+            if args.compare == "cnf" else
+            f"nfcore `resflow` preset: standardize, then {args.transforms} blocks of ActNorm and "
+            f"a residual layer, Lipschitz MLP {args.res_hidden}, bound {args.lipschitz}, exact "
+            f"log-determinant (dim <= 16). normflows: {args.transforms} `Residual` blocks with "
+            f"`LipschitzMLP([dim, *{args.res_hidden}, dim], lipschitz_const={args.lipschitz})`, "
+            f"each followed by `ActNorm`, trained with its unbiased power-series estimator; its "
+            f"test log-likelihood is computed exactly (full Jacobian by autograd).")
+    body = f"""Held-out mean log-likelihood in nats (higher is better), data units, 20 % test split,
+over {args.splits} random splits (seeds 0 to {args.splits - 1}; mean ± sd across splits), the
+protocol of `density.md`: validation on 10 % of the training rows with early stopping (patience
+{args.patience} checks) and best-weight restore, batch {args.batch}, AdamW lr {args.lr:g}, warm-up
+then cosine decay over whichever of steps and wall clock is further along, clipping 5. Equal
+wall-clock budget: {args.max_seconds:.0f} s for every fit (the best preset also at most
+{args.steps} steps, as in `density.md`). {arch} Peers see standardized data, their likelihood
+corrected by the standardization's log-determinant. {args.jobs} worker processes of
+{args.threads} torch thread(s) each. The machine was shared with other engineers' jobs, so the
+wall-clock budget bought fewer steps than on a quiet machine.
+
+`uname -a`: `{' '.join(platform.uname())}`. Load average before / after:
+{load_before[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores. Total run time
+{time.time() - started:.0f} s.
+
+**{verdict}.**
+
+{markdown_table(["data set", "rows × dim", names[ours], names[peer], "difference (mean)",
+                 names["nfcore"], f"{names[ours]} − best preset"], summary)}
+
+Each split (steps / time of each fit):
+
+{markdown_table(["data set", "split", *[names[lib] for lib in libs],
+                 *[f"{names[lib]} steps / time" for lib in libs]], detail)}
+"""
+    cmd = "python benchmarks/density.py " + " ".join(sys.argv[1:])
+    print(write_result(f"density_{args.compare}",
+                       f"Density estimation: nfcore {args.compare} vs its peer", body,
+                       cmd.strip()))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Model artifacts: one ``model.safetensors`` per model version, no pickled objects.
 
 Tensors are the flow's ``state_dict``. ``__metadata__`` holds the normalized spec, the format version,
-the caller's metadata (e.g. the training summary) and a SHA-256 content hash over all of it. Loading
+what scoring and sampling cost and whether scoring is exact (``nfcore.cost``,
+``nfcore.log_prob_exact``), the caller's metadata (e.g. the training summary) and a SHA-256
+content hash over all of it. Loading
 parses the header itself before trusting it, rebuilds the flow from the spec, checks every tensor's
 name, dtype and shape, verifies the hash and only then loads the weights strictly.
 """
@@ -32,6 +34,10 @@ FORMAT_VERSION = "1"
 SPEC_KEY = "nfcore.spec"
 FORMAT_KEY = "nfcore.format_version"
 HASH_KEY = "nfcore.content_hash"
+#: What ``log_prob`` and sampling cost (``Flow.cost``), and whether ``log_prob`` is exact
+#: (``Flow.exact_log_prob``), as JSON. Written by ``save``; files written before lack them.
+COST_KEY = "nfcore.cost"
+EXACT_KEY = "nfcore.log_prob_exact"
 MAX_HEADER = 16 * 2**20
 
 
@@ -56,6 +62,8 @@ def saves(flow: Flow, *, metadata: Mapping[str, Any] | None = None) -> bytes:
             raise ValueError(f"Expected metadata keys outside the 'nfcore.' namespace; got {key!r}")
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     meta[SPEC_KEY] = json.dumps(flow.spec, sort_keys=True)
+    meta[COST_KEY] = json.dumps(flow.cost, sort_keys=True)
+    meta[EXACT_KEY] = json.dumps(flow.exact_log_prob)
     meta[FORMAT_KEY] = FORMAT_VERSION
     meta[HASH_KEY] = _content_hash(tensors, meta)
     return st_save(tensors, metadata=meta)

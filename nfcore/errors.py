@@ -10,6 +10,8 @@ __all__ = [
     "TargetError",
     "ExpressionError",
     "TrainingCancelled",
+    "ConvergenceError",
+    "SolverTimeout",
 ]
 
 
@@ -53,3 +55,13 @@ class ExpressionError(TargetError):
 
 class TrainingCancelled(NFCoreError):
     """Raised by a training loop whose ``should_stop`` callback said stop; nothing was saved."""
+
+
+class ConvergenceError(NFCoreError, ArithmeticError):
+    """A numerical inverse or ODE solve did not reach its stated tolerance within its iteration
+    budget (a fixed-point or root solve, or an adaptive ODE solver whose step size collapsed), or
+    met non-finite values on the way. The message names the layer and the residual reached."""
+
+
+class SolverTimeout(ConvergenceError):
+    """An iterative or ODE solve ran past the deadline set by ``nfcore.time_limit``."""

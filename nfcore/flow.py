@@ -10,11 +10,11 @@ from torch import Tensor, nn
 
 from .errors import ShapeError
 from .layers import LAYER_CLASSES, Layer
-from .spec import normalize_spec
+from .spec import CONDITIONAL, normalize_spec
 
 __all__ = ["Flow", "build"]
 
-_CONDITIONAL = {"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar"}
+_COSTS = ("one pass", "iterative", "ode")  # in increasing order
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -42,7 +42,7 @@ class Flow(nn.Module):
         layers = []
         for layer in self.spec["layers"]:
             params = {k: v for k, v in layer.items() if k != "type"}
-            if layer["type"] in _CONDITIONAL:
+            if layer["type"] in CONDITIONAL:
                 params["context_dim"] = self.context_dim
             layers.append(LAYER_CLASSES[layer["type"]](self.dim, **params))
         self.layers: nn.ModuleList[Layer] = nn.ModuleList(layers)
@@ -70,6 +70,28 @@ class Flow(nn.Module):
     def fast_sample(self) -> bool:
         """True when sampling takes one pass per layer."""
         return all(layer.fast_inverse for layer in self.layers)
+
+    @property
+    def cost(self) -> dict[str, str]:
+        """What ``log_prob`` and sampling cost, each the most expensive of its layers':
+        ``"one pass"``, ``"iterative"`` (a numerical solve, or a pass per feature) or ``"ode"``.
+
+        Example:
+            >>> import nfcore
+            >>> nfcore.build({"preset": "resflow", "dim": 2, "hidden": [8]}).cost
+            {'log_prob': 'one pass', 'sample': 'iterative'}
+        """
+        def worst(costs: list[str]) -> str:
+            return max(costs, key=_COSTS.index, default="one pass")
+        return {"log_prob": worst([layer.cost[0] for layer in self.layers]),
+                "sample": worst([layer.cost[1] for layer in self.layers])}
+
+    @property
+    def exact_log_prob(self) -> bool:
+        """True when ``log_prob`` is exact (to the stated solver tolerances); False when some
+        layer's log-determinant is a stochastic estimate (a residual layer above its
+        ``exact_dim``)."""
+        return all(layer.exact for layer in self.layers)
 
     # ---------------------------------------------------------------- checks
     def _points(self, x: Any) -> Tensor:

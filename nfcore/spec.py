@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import SpecError
 
-__all__ = ["normalize_spec", "LAYER_TYPES", "PRESETS", "LIMITS", "MIXINGS"]
+__all__ = ["normalize_spec", "LAYER_TYPES", "PRESETS", "LIMITS", "MIXINGS", "CONDITIONAL"]
 
 #: Bounds that keep a client from asking for an absurd network.
 LIMITS = {"dim": 4096, "context_dim": 4096, "layers": 256, "hidden_width": 4096,
@@ -57,6 +57,12 @@ def _hidden(field: str, v: Any) -> list[int]:
     return [_int(1, LIMITS["hidden_width"])(f"{field}[{i}]", h) for i, h in enumerate(v)]
 
 
+def _open_unit(field: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
+        raise SpecError(field, f"expected a number in (0, 1); got {v!r}")
+    return float(v)
+
+
 def _bool(field: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise SpecError(field, f"expected true or false; got {v!r}")
@@ -83,19 +89,37 @@ LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
     "permute": {"kind": ("reverse", _choice("reverse", "random")),
                 "seed": (0, _int(0, 2**31 - 1))},
     "standardize": {},
+    "residual": {"hidden": ([64, 64], _hidden), "lipschitz": (0.97, _open_unit),
+                 "exact_dim": (16, _int(0, LIMITS["dim"]))},
+    # rank and reflections default to dim (filled in by _layer).
+    "sylvester": {"kind": ("orthogonal", _choice("orthogonal", "householder")),
+                  "rank": (None, _int(1, LIMITS["dim"])),
+                  "reflections": (None, _int(1, LIMITS["dim"])), **_NET},
+    "cnf": {"hidden": ([64, 64], _hidden), "activation": ("silu", _ACTIVATION),
+            "rtol": (1e-5, _positive_float(1.0)), "atol": (1e-6, _positive_float(1.0)),
+            "method": ("dopri5", _choice("dopri5", "dopri8", "bosh3", "adaptive_heun")),
+            "exact_dim": (16, _int(0, LIMITS["dim"])), "freqs": (3, _int(0, 16))},
 }
 _COUPLING = {"affine_coupling", "nsf_coupling"}
-_CONDITIONAL = {"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar"}
+#: Layer types that take a context.
+CONDITIONAL = frozenset({"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar", "residual",
+                         "sylvester", "cnf"})
 
-#: Preset name -> (repeated layer type, whether to put a permutation between repeats).
-PRESETS: dict[str, tuple[str, bool]] = {
-    "planar": ("planar", False),
-    "radial": ("radial", False),
-    "realnvp": ("affine_coupling", True),
-    "maf": ("maf", True),
-    "iaf": ("iaf", True),
-    "nsf": ("nsf_coupling", True),
-    "nsf_ar": ("nsf_ar", True),
+#: Preset name -> (repeated layer type, whether to put a permutation between repeats, whether an
+#: ``actnorm`` goes before each repeat, the default number of repeats).
+#: ``resflow`` follows Chen et al. (2019), an ActNorm before each residual block; ``cnf`` is one
+#: continuous-time layer (its depth is the vector field's), as flow matching trains it.
+PRESETS: dict[str, tuple[str, bool, bool, int]] = {
+    "planar": ("planar", False, False, 5),
+    "radial": ("radial", False, False, 5),
+    "realnvp": ("affine_coupling", True, False, 5),
+    "maf": ("maf", True, False, 5),
+    "iaf": ("iaf", True, False, 5),
+    "nsf": ("nsf_coupling", True, False, 5),
+    "nsf_ar": ("nsf_ar", True, False, 5),
+    "resflow": ("residual", False, True, 5),
+    "sylvester": ("sylvester", False, False, 5),
+    "cnf": ("cnf", False, False, 1),
 }
 _PRESET_KEYS = {"preset": None, "dim": None, "context_dim": None, "dtype": None, "base": None,
                 "transforms": None, "standardize": None, "loc_scale": None, "mixing": None}
@@ -136,6 +160,11 @@ def _layer(field: str, raw: Any, dim: int, context_dim: int) -> dict:
     for name, (default, check) in schema.items():
         value = raw.get(name, _MISSING)
         out[name] = copy.deepcopy(default) if value is _MISSING else check(f"{field}.{name}", value)
+    if kind == "sylvester":
+        out["rank"] = dim if out["rank"] is None else out["rank"]
+        out["reflections"] = dim if out["reflections"] is None else out["reflections"]
+        if out["rank"] > dim:
+            raise SpecError(f"{field}.rank", f"expected at most dim ({dim}); got {out['rank']}")
     return out
 
 
@@ -143,10 +172,11 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     name = raw["preset"]
     if name not in PRESETS:
         raise SpecError("preset", f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    kind, permute = PRESETS[name]
+    kind, permute, actnorm, default_transforms = PRESETS[name]
     params = set(LAYER_TYPES[kind])
     _check_keys("", raw, set(_PRESET_KEYS) | params)
-    transforms = _int(1, LIMITS["transforms"])("transforms", raw.get("transforms", 5))
+    transforms = _int(1, LIMITS["transforms"])("transforms",
+                                               raw.get("transforms", default_transforms))
     standardize = _bool("standardize", raw.get("standardize", True))
     loc_scale = _bool("loc_scale", raw.get("loc_scale", True))
     mixing = _choice(*MIXINGS)("mixing", raw.get("mixing", "reverse"))
@@ -165,6 +195,8 @@ def _expand_preset(raw: Mapping) -> list[dict]:
             layers.append({"lu": lu,
                            "random": {"type": "permute", "kind": "random", "seed": i},
                            "reverse": {"type": "permute", "kind": "reverse"}}[mixing])
+        if actnorm:
+            layers.append({"type": "actnorm"})
         layers.append(copy.deepcopy(layer))
     return layers
 
@@ -198,8 +230,8 @@ def normalize_spec(spec: Any) -> dict:
     if len(raw_layers) > LIMITS["layers"]:
         raise SpecError("layers", f"at most {LIMITS['layers']} layers; got {len(raw_layers)}")
     layers = [_layer(f"layers[{i}]", raw, dim, context_dim) for i, raw in enumerate(raw_layers)]
-    if context_dim and not any(layer["type"] in _CONDITIONAL for layer in layers):
+    if context_dim and not any(layer["type"] in CONDITIONAL for layer in layers):
         raise SpecError("context_dim", "no layer of this flow can be conditioned on a context; "
-                                       f"use one of {sorted(_CONDITIONAL)}")
+                                       f"use one of {sorted(CONDITIONAL)}")
     return {"dim": dim, "context_dim": context_dim, "dtype": dtype, "base": {"type": "normal"},
             "layers": layers}

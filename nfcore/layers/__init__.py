@@ -2,15 +2,20 @@
 
 from .autoregressive import IAF, MAF, Autoregressive, NSFAutoregressive
 from .base import MADE, MLP, Layer
+from .cnf import CNF, ODE_METHODS
 from .coupling import AffineCoupling, Coupling, NSFCoupling
 from .elementwise import Affine, RationalQuadratic
 from .linear import ActNorm, LocScale, LULinear, Permute, Standardize
 from .planar import PLANAR_TOLERANCE, Planar, Radial
+from .residual import RESIDUAL_TOLERANCE, Residual
+from .sylvester import SYLVESTER_TOLERANCE, Sylvester
 
 __all__ = [
     "Layer", "MLP", "MADE", "Affine", "RationalQuadratic", "Coupling", "AffineCoupling",
     "NSFCoupling", "Autoregressive", "MAF", "IAF", "NSFAutoregressive", "Planar", "Radial",
-    "PLANAR_TOLERANCE", "LULinear", "ActNorm", "LocScale", "Permute", "Standardize", "LAYER_CLASSES",
+    "PLANAR_TOLERANCE", "LULinear", "ActNorm", "LocScale", "Permute", "Standardize", "Residual",
+    "RESIDUAL_TOLERANCE", "Sylvester", "SYLVESTER_TOLERANCE", "CNF", "ODE_METHODS",
+    "LAYER_CLASSES",
 ]
 
 #: Spec ``type`` name -> layer class. Every class takes ``(dim, **hyper_parameters)``.
@@ -27,4 +32,7 @@ LAYER_CLASSES: dict[str, type[Layer]] = {
     "loc_scale": LocScale,
     "permute": Permute,
     "standardize": Standardize,
+    "residual": Residual,
+    "sylvester": Sylvester,
+    "cnf": CNF,
 }

@@ -39,6 +39,16 @@ class Layer(nn.Module):
     fast_forward: bool = True
     #: True when ``inverse`` (z -> x) is computed in one parallel pass.
     fast_inverse: bool = True
+    #: True when ``forward``'s log|det| is exact (to the layer's stated solver tolerance), False
+    #: when it is a stochastic estimate.
+    exact: bool = True
+
+    @property
+    def cost(self) -> tuple[str, str]:
+        """What ``forward`` and ``inverse`` cost: ``"one pass"``, ``"iterative"`` (a numerical
+        solve or a pass per feature) or ``"ode"`` (an ODE solve)."""
+        return ("one pass" if self.fast_forward else "iterative",
+                "one pass" if self.fast_inverse else "iterative")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -6,6 +6,7 @@ this"."""
 from .checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
 from .density import fit_density
 from .diagnostics import THRESHOLDS, evaluate_target, verdict
+from .flow_matching import DENSITY_LOSSES, FlowMatching
 from .importance import importance_diagnostics, psis
 from .loop import DEFAULT_STEPS, SCHEDULES, FitResult, Progress, TrainingDiverged
 from .losses import MaximumLikelihood, ReverseKL, beta_schedule
@@ -16,5 +17,5 @@ __all__ = [
     "fit_density", "fit_target", "evaluate_target", "FitResult", "Progress", "TrainingDiverged",
     "MaximumLikelihood", "ReverseKL", "beta_schedule", "importance_diagnostics", "SCHEDULES",
     "DEFAULT_STEPS", "STARTS", "THRESHOLDS", "psis", "verdict", "pathfinder", "GaussianStart",
-    "save_checkpoint", "load_checkpoint", "checkpoint_step",
+    "save_checkpoint", "load_checkpoint", "checkpoint_step", "FlowMatching", "DENSITY_LOSSES",
 ]

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from ..flow import Flow
+from .flow_matching import density_loss
 from .loop import FitResult, Loop, Progress, check_common, finite_or_none, generator, resolve_steps
-from .losses import MaximumLikelihood
 
 __all__ = ["fit_density", "split"]
 
@@ -87,8 +87,10 @@ def fit_density(
     checkpoint_every_s: float = 5.0,
     resume: bool = True,
     init_knots: bool = True,
+    loss: Any = None,
 ) -> FitResult:
-    """Fit ``flow`` to ``data`` (shape ``(N, dim)``) by maximum likelihood, in place.
+    """Fit ``flow`` to ``data`` (shape ``(N, dim)``) by maximum likelihood, or a CNF by flow
+    matching, in place.
 
     The data are split (by ``seed``) into training and validation rows; ``flow.initialize`` fits the
     data-dependent layers to the training rows first (``standardize`` to their mean and scale, so
@@ -123,6 +125,11 @@ def fit_density(
             seconds and at the end; with ``resume=True`` an existing one is continued.
         init_knots: set the spline layers' knots from the data before training (see
             ``Flow.initialize``); False keeps the flow's own, e.g. to go on from a trained flow.
+        loss: ``"likelihood"`` (maximum likelihood), ``"flow_matching"`` (for a flow ending in a
+            ``cnf`` layer; see ``nfcore.train.FlowMatching``, whose instances are accepted too)
+            or ``None``: flow matching for such a flow (one ``cnf`` layer, last), maximum
+            likelihood otherwise. The
+            validation loss is the held-out negative log-likelihood either way.
 
     Returns:
         A ``FitResult``; ``summary["val_loss"]`` is the best validation mean negative log-likelihood.
@@ -177,6 +184,7 @@ def fit_density(
     total = resolve_steps(steps, max_seconds, "density")
     every = validate_every or min(max(per_epoch, 20), 100)
 
+    loss_fn, loss_name = density_loss(flow, loss)
     flow.initialize(x_train, c_train, knots=init_knots)
     loop = Loop(flow, steps=total, lr=lr, weight_decay=weight_decay, schedule=schedule,
                 clip_grad_norm=clip_grad_norm, max_seconds=max_seconds, callback=callback,
@@ -187,8 +195,8 @@ def fit_density(
                              "total": total, "batch": batch, "lr": lr, "wd": weight_decay,
                              "schedule": schedule, "clip": clip_grad_norm, "val": n_val,
                              "every": every, "patience": patience, "seed": seed,
-                             "max_seconds": max_seconds, "init_knots": init_knots})
-    loss_fn = MaximumLikelihood()
+                             "max_seconds": max_seconds, "init_knots": init_knots,
+                             "loss": loss_name})
     order: dict[int, Tensor] = {}
 
     def step(i: int) -> Tensor:
@@ -197,11 +205,13 @@ def fit_density(
             order.clear()
             order[epoch] = torch.randperm(n_train, generator=generator(seed, 1, epoch)).to(x.device)
         idx = order[epoch][j * batch : (j + 1) * batch]
-        return loss_fn(flow, x_train[idx], None if c_train is None else c_train[idx])
+        return loss_fn(flow, x_train[idx], None if c_train is None else c_train[idx],
+                       generator(seed, 4, i))
 
     loop.run(step, validate=(lambda: _mean_nll(flow, x_val, c_val)) if n_val else None)
     summary = loop.summary(
         objective="density",
+        loss_function=loss_name,
         data_shape=[n, flow.dim],
         train_rows=n_train,
         validation_rows=n_val,

@@ -5,7 +5,25 @@ import nfcore
 
 LAYER_TYPES = sorted(nfcore.LAYER_TYPES)
 PRESETS = sorted(nfcore.PRESETS)
-CONDITIONAL_TYPES = ["affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar"]
+CONDITIONAL_TYPES = ["affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar", "residual",
+                     "sylvester", "cnf"]
+#: Layer types whose hidden widths the property tests set small, to keep the tests fast.
+_NETWORKED = {"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar", "residual", "sylvester",
+              "cnf"}
+#: Layers that invert or integrate numerically: the grid test gives them a coarser grid.
+SOLVED = ("residual", "resflow", "sylvester", "cnf")
+#: The ODE tolerances the property tests run CNFs at (float64), and so check them against.
+CNF_TOLERANCE = {"rtol": 1e-9, "atol": 1e-9}
+
+
+def tolerance(case: str, scale: float = 10.0) -> float:
+    """The absolute tolerance a property test allows for a case: exact layers 1e-6 (as always);
+    an ODE solve its stated per-step tolerance ``atol + rtol * |y|`` at values up to ``scale``
+    (states and log-densities here stay within 10), times 100 for what a whole solve
+    accumulates."""
+    if "cnf" in case:
+        return 100 * (CNF_TOLERANCE["atol"] + CNF_TOLERANCE["rtol"] * scale)
+    return 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +56,25 @@ def perturb(flow: nfcore.Flow, scale: float = 0.3, seed: int = 0) -> nfcore.Flow
     return flow
 
 
-def layer_spec(kind: str, dim: int = 3, dtype: str = "float64", context_dim: int = 0) -> dict:
+def layer_spec(kind: str, dim: int = 3, dtype: str = "float64", context_dim: int = 0,
+               ode: dict | None = None) -> dict:
     layer = {"type": kind}
-    if kind in {"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar"}:
+    if kind in _NETWORKED:
         layer["hidden"] = [16, 16]
+    if kind == "cnf":
+        layer.update(ode or CNF_TOLERANCE)
     return {"dim": dim, "context_dim": context_dim, "dtype": dtype, "layers": [layer]}
 
 
-def preset_spec(preset: str, dim: int = 3, dtype: str = "float64", context_dim: int = 0) -> dict:
+def preset_spec(preset: str, dim: int = 3, dtype: str = "float64", context_dim: int = 0,
+                ode: dict | None = None) -> dict:
     spec = {"preset": preset, "dim": dim, "context_dim": context_dim, "dtype": dtype,
             "transforms": 3}
     if preset not in {"planar", "radial"}:
         spec["hidden"] = [16, 16]
+    if preset == "cnf":
+        spec.update(ode or CNF_TOLERANCE)
+        del spec["transforms"]
     return spec
 
 

@@ -120,3 +120,35 @@ def test_bad_specs_name_the_field(spec, field):
 def test_spec_error_is_a_value_error():
     with pytest.raises(ValueError):
         nfcore.build({"dim": -3, "layers": [{"type": "maf"}]})
+
+
+@pytest.mark.parametrize(("preset", "expected"), [
+    ("resflow", ["standardize", "loc_scale", "actnorm", "residual", "actnorm", "residual"]),
+    ("sylvester", ["standardize", "loc_scale", "sylvester", "sylvester"]),
+    ("cnf", ["standardize", "loc_scale", "cnf"])])
+def test_new_presets_expand_and_take_their_layers_hyper_parameters(preset, expected):
+    params = {"resflow": {"lipschitz": 0.9, "exact_dim": 4, "hidden": [8]},
+              "sylvester": {"kind": "householder", "reflections": 2},
+              "cnf": {"rtol": 1e-6, "atol": 1e-7, "method": "dopri8", "hidden": [8]}}[preset]
+    spec = {"preset": preset, "dim": 2, **params}
+    if preset != "cnf":
+        spec["transforms"] = 2
+    layers = nfcore.normalize_spec(spec)["layers"]
+    assert [layer["type"] for layer in layers] == expected
+    for layer in layers:
+        if layer["type"] == expected[-1]:
+            assert {k: layer[k] for k in params} == params
+
+
+@pytest.mark.parametrize(("layer", "field"), [
+    ({"type": "residual", "lipschitz": 1.0}, "layers[0].lipschitz"),
+    ({"type": "residual", "lipschitz": 0}, "layers[0].lipschitz"),
+    ({"type": "residual", "exact_dim": -1}, "layers[0].exact_dim"),
+    ({"type": "cnf", "rtol": 0}, "layers[0].rtol"),
+    ({"type": "cnf", "method": "euler"}, "layers[0].method"),
+    ({"type": "sylvester", "kind": "cayley"}, "layers[0].kind"),
+    ({"type": "cnf", "steps": 4}, "layers[0].steps")])
+def test_new_layers_reject_bad_hyper_parameters_by_name(layer, field):
+    with pytest.raises(SpecError) as e:
+        nfcore.build({"dim": 2, "layers": [layer]})
+    assert e.value.field == field

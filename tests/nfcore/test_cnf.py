@@ -1,0 +1,166 @@
+"""Continuous normalizing flows: the exact divergence, the solver's tolerance and limits, and
+training by flow matching, by maximum likelihood and by reverse KL."""
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+import nfcore
+from nfcore.layers import CNF
+from nfcore.train import FlowMatching
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _x(n: int, dim: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("hidden", [[12], [12, 10], [12, 10, 8]])
+@pytest.mark.parametrize("activation", ["silu", "tanh", "elu", "gelu"])
+def test_divergence_is_the_trace_of_the_jacobian(hidden, activation):
+    torch.manual_seed(0)
+    layer = CNF(3, hidden=hidden, activation=activation, context_dim=2).double()
+    ctx = _x(4, 2, seed=3)
+    f = layer.field.dynamics(ctx, None)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    x = _x(4, 3)
+    v, div = f(t, x)
+    for i in range(4):
+        jac = jacobian(lambda p, i=i: layer.field.dynamics(ctx[i : i + 1], None)(t, p[None])[0][0],
+                       x[i])
+        assert torch.allclose(div[i], torch.trace(jac), atol=1e-12)
+    assert torch.allclose(v, layer.field.velocity(t.expand(4), x, ctx), atol=1e-12)
+    with torch.no_grad():  # the allocation-free path that solves without autograd take
+        v2, div2 = layer.field.dynamics(ctx, None)(t, x)
+    assert torch.allclose(v2, v, atol=1e-12) and torch.allclose(div2, div, atol=1e-12)
+
+
+def test_hutchinson_estimate_is_unbiased_and_used_only_to_train_above_exact_dim():
+    torch.manual_seed(0)
+    layer = CNF(5, hidden=[8, 8, 8], exact_dim=2).double().train(False)
+    x = _x(3, 5)
+    t = torch.tensor(0.5, dtype=torch.float64)
+    exact = layer.field.dynamics(None, None)(t, x)[1]
+    assert layer._probe(x) is None  # not training: exact
+    layer.train()
+    probes = [layer._probe(x) for _ in range(2000)]
+    estimates = torch.stack([layer.field.dynamics(None, p)(t, x)[1] for p in probes])
+    se = estimates.std(0) / len(probes) ** 0.5
+    assert ((estimates.mean(0) - exact).abs() <= 4 * se).all()
+    # A field with at most two hidden layers has a closed-form trace, cheaper than the estimate.
+    assert CNF(5, hidden=[8, 8], exact_dim=2).train()._probe(x) is None
+
+
+def test_round_trip_error_follows_the_stated_tolerance():
+    torch.manual_seed(0)
+    x = _x(64, 2)
+    errors = []
+    for tol in (1e-4, 1e-7, 1e-10):
+        layer = CNF(2, hidden=[16, 16], rtol=tol, atol=tol).double()
+        with torch.no_grad():  # off the identity it starts as
+            for p in layer.parameters():
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3),
+                                         dtype=p.dtype))
+        with torch.no_grad():
+            z, ladj = layer(x)
+            back, ladj_back = layer.inverse(z)
+        errors.append(float((back - x).abs().max()))
+        assert errors[-1] < 100 * tol
+        assert float((ladj + ladj_back).abs().max()) < 100 * tol
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_solver_limits_raise_typed_errors(monkeypatch):
+    flow = nfcore.build({"preset": "cnf", "dim": 2, "hidden": [8], "rtol": 1e-12, "atol": 1e-12,
+                         "dtype": "float64"})
+    with nfcore.time_limit(1e-9), pytest.raises(nfcore.SolverTimeout, match="cnf"):
+        flow.log_prob(torch.zeros(2, 2))
+    monkeypatch.setattr("nfcore.layers.cnf._MAX_STEPS", 3)
+    with pytest.raises(nfcore.ConvergenceError, match="cnf: ODE solve failed"):
+        flow.sample(4)
+
+
+def _two_blobs(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(n, 2, generator=g)
+    x[: n // 2, 0] += 1.5
+    x[n // 2 :, 0] -= 1.5
+    return x
+
+
+def test_flow_matching_is_the_default_for_cnf_and_learns_the_data():
+    data = _two_blobs(2000)
+    torch.manual_seed(0)
+    flow = nfcore.build({"preset": "cnf", "dim": 2, "hidden": [32, 32]})
+    with torch.no_grad():
+        before = float(flow.log_prob(data).mean())
+    result = nfcore.fit_density(flow, data, steps=400, batch_size=256, lr=3e-3,
+                                validate_every=200)
+    assert result.summary["loss_function"] == "flow_matching"
+    with torch.no_grad():
+        after = float(flow.log_prob(data).mean())
+    assert after > before + 0.5, (before, after)
+    # The same seed gives the same model.
+    torch.manual_seed(0)
+    again = nfcore.build({"preset": "cnf", "dim": 2, "hidden": [32, 32]})
+    nfcore.fit_density(again, data, steps=400, batch_size=256, lr=3e-3, validate_every=200)
+    assert all(torch.equal(a, b) for a, b in zip(flow.state_dict().values(),
+                                                 again.state_dict().values(), strict=True))
+
+
+def test_flow_matching_with_ot_couplings_and_its_limits():
+    data = _two_blobs(512)
+    torch.manual_seed(0)
+    flow = nfcore.build({"preset": "cnf", "dim": 2, "hidden": [16]})
+    result = nfcore.fit_density(flow, data, steps=20, loss=FlowMatching(ot=True),
+                                validation_fraction=0)
+    assert result.summary["loss_function"] == "flow_matching+ot"
+    cond = nfcore.build({"preset": "cnf", "dim": 2, "context_dim": 1, "hidden": [16]})
+    with pytest.raises(ValueError, match="unconditional flow for mini-batch OT"):
+        nfcore.fit_density(cond, data, context=torch.zeros(512, 1), steps=2,
+                           loss=FlowMatching(ot=True))
+    maf = nfcore.build({"preset": "maf", "dim": 2, "hidden": [8]})
+    with pytest.raises(ValueError, match="last layer is its only 'cnf' layer"):
+        nfcore.fit_density(maf, data, steps=2, loss="flow_matching")
+    with pytest.raises(ValueError, match="Expected loss in"):
+        nfcore.fit_density(maf, data, steps=2, loss="elbo")
+
+
+def test_ot_pairing_is_the_optimal_assignment():
+    from nfcore.train.flow_matching import _assignment
+
+    x1 = _x(6, 2)
+    x0 = x1[torch.tensor([3, 0, 5, 1, 4, 2])] + 1e-3
+    assert torch.equal(x0[_assignment(x0, x1)], x1 + 1e-3)
+
+
+def test_conditional_flow_matching_uses_the_context():
+    g = torch.Generator().manual_seed(0)
+    c = torch.randint(0, 2, (1000, 1), generator=g).double()
+    data = (torch.randn(1000, 2, generator=g, dtype=torch.float64) * 0.3
+            + torch.cat([4 * c - 2, 0 * c], 1))
+    torch.manual_seed(0)
+    flow = nfcore.build({"preset": "cnf", "dim": 2, "context_dim": 1, "hidden": [32, 32],
+                         "dtype": "float64", "standardize": False})
+    nfcore.fit_density(flow, data, context=c, steps=300, lr=3e-3, validation_fraction=0)
+    with torch.no_grad():
+        right = flow.log_prob(torch.tensor([[2.0, 0.0]]), context=torch.tensor([[1.0]]))
+        wrong = flow.log_prob(torch.tensor([[2.0, 0.0]]), context=torch.tensor([[0.0]]))
+    assert right > wrong + 3
+
+
+def test_likelihood_and_reverse_kl_train_through_the_solver():
+    data = _two_blobs(400)
+    torch.manual_seed(0)
+    spec = {"preset": "cnf", "dim": 2, "hidden": [16], "rtol": 1e-4, "atol": 1e-4}
+    flow = nfcore.build(spec)
+    result = nfcore.fit_density(flow, data, steps=15, loss="likelihood", lr=1e-2,
+                                validation_fraction=0)
+    assert result.summary["loss_function"] == "likelihood"
+    assert result.history[-1]["loss"] < 2.6  # -log N at init is ~2.9 nats on these data
+    target_flow = nfcore.build({**spec, "standardize": False})
+    fit = nfcore.fit_target(target_flow, "banana", steps=10, batch_size=64, lr=1e-2,
+                            ess_samples=500)
+    assert fit.summary["gradient"] == "total" and fit.summary["kl"] is not None
+    assert all(torch.isfinite(p).all() for p in target_flow.parameters())
