@@ -150,12 +150,17 @@ class ArtifactInfo:
         content_hash: ``sha256:…`` over the weights and the metadata.
         format_version: the nfcore artifact format.
         metadata: the caller's metadata given to ``save``, JSON values decoded (e.g. ``training``).
+        cost: what ``log_prob`` and sampling cost (``Flow.cost``); log_prob_exact: whether scoring
+            is exact (``Flow.exact_log_prob``). Files written before these were stored get them
+            from their spec.
     """
 
     spec: dict[str, Any]
     content_hash: str
     format_version: str
     metadata: dict[str, Any]
+    cost: dict[str, str]
+    log_prob_exact: bool
 
 
 def _decoded(value: str) -> Any:
@@ -184,9 +189,19 @@ def read_info(source: str | os.PathLike | bytes) -> ArtifactInfo:
         raise ArtifactError(f"Model file holds an invalid spec: {e}") from None
     if not isinstance(spec, dict):
         raise ArtifactError("Model file holds an invalid spec: not a JSON object")
+    if COST_KEY in meta and EXACT_KEY in meta:
+        cost, exact = _decoded(meta[COST_KEY]), _decoded(meta[EXACT_KEY])
+    else:  # written before they were stored: the spec says (built under a forked RNG)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                flow = Flow(spec)
+        except SpecError as e:
+            raise ArtifactError(f"Model file holds an invalid spec: {e}") from None
+        cost, exact = flow.cost, flow.exact_log_prob
     return ArtifactInfo(spec=spec, content_hash=meta[HASH_KEY], format_version=meta[FORMAT_KEY],
                         metadata={k: _decoded(v) for k, v in meta.items()
-                                  if not k.startswith("nfcore.")})
+                                  if not k.startswith("nfcore.")},
+                        cost=cost, log_prob_exact=bool(exact))
 
 
 def loads(data: bytes, *, device: str | torch.device | None = None) -> Flow:

@@ -59,6 +59,8 @@ class ModelVersionInfo:
     spec: dict[str, Any]
     content_hash: str
     metadata: dict[str, Any]
+    cost: dict[str, str]
+    log_prob_exact: bool
 
 
 class ModelStore:
@@ -178,7 +180,8 @@ class ModelStore:
                 self._info_cache[key] = info
         return ModelVersionInfo(name=name, version=version, path=path, size_bytes=st.st_size,
                                 created=datetime.fromtimestamp(st.st_mtime, UTC), spec=info.spec,
-                                content_hash=info.content_hash, metadata=info.metadata)
+                                content_hash=info.content_hash, metadata=info.metadata,
+                                cost=info.cost, log_prob_exact=info.log_prob_exact)
 
     def health(self) -> tuple[str, bool, str]:
         """The readiness check of the store: readable, and every model's latest version loads."""

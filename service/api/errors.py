@@ -28,6 +28,8 @@ log = logging.getLogger("nfserve")
 # nfcore's errors -> kind. Order matters: subclasses before their bases.
 _ENGINE: list[tuple[type[BaseException], ErrorKind]] = [
     (nfcore_errors.TrainingCancelled, ErrorKind.CONFLICT),
+    (nfcore_errors.SolverTimeout, ErrorKind.OVERLOADED),  # an ODE/fixed-point solve out of time
+    (nfcore_errors.ConvergenceError, ErrorKind.INVALID_INPUT),  # the point has no solution here
     (nfcore_errors.NFCoreError, ErrorKind.INVALID_INPUT),  # spec, shape, expression, target, artifact
 ]
 

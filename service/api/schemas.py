@@ -65,12 +65,15 @@ class LogProbRequest(LogProbOptions):
 
 class LogProbResponse(BaseModel):
     """Log densities, one per row of ``x``. As ``application/octet-stream`` (``Accept`` header):
-    a safetensors body with the tensor ``log_prob``."""
+    a safetensors body with the tensor ``log_prob`` and ``exact`` in its metadata."""
 
     model: str = Field(description="Model name.", examples=["two_moons"])
     version: int = Field(description="Model version that answered.", examples=[1])
     log_prob: list[float] = Field(description="log p(x) per row, in the data's own units.",
                                   examples=[[-1.42, -2.07]])
+    exact: bool = Field(description="Whether log_prob is exact (to the solvers' stated tolerance); "
+                                    "false when it is an unbiased estimate (a residual flow above "
+                                    "its exact_dim).", examples=[True])
 
 
 class SampleRequest(SampleOptions):
@@ -153,6 +156,14 @@ class ModelVersionPublic(BaseModel):
     diagnostics: Diagnostics | None = Field(
         None, exclude_if=_absent, description="The fit's diagnostics, from the training summary; "
         "present for fits that have them (variational ones).", examples=[_DIAGNOSTICS])
+    cost: dict[Literal["log_prob", "sample"], Literal["one pass", "iterative", "ode"]] = Field(
+        description="What its two operations cost: one pass per layer, an iterative solve "
+                    "(fixed point, root finding, sequential features) or an ODE solve.",
+        examples=[{"log_prob": "one pass", "sample": "one pass"}])
+    log_prob_exact: bool = Field(
+        description="Whether /log_prob answers are exact (to the solvers' stated tolerance); "
+                    "false for a residual flow above its exact_dim, whose log-determinant is "
+                    "an unbiased estimate.", examples=[True])
     artifact_url: str = Field(description="Where to download the file.",
                               examples=["/models/two_moons/versions/1/artifact"])
 
@@ -234,6 +245,10 @@ class TrainingOptions(BaseModel):
     anneal_steps: int | None = Field(None, ge=0, description=f"Steps over which the target's "
                                      f"weight rises to 1 (variational jobs); default "
                                      f"{default_text('anneal_steps')}.", examples=[0])
+    loss: Literal["likelihood", "flow_matching"] | None = Field(
+        None, description="Density jobs: maximum likelihood, or flow matching (conditional OT "
+                          "paths; for a flow whose last layer is a cnf). Default: flow matching "
+                          "for such a flow, likelihood otherwise.", examples=["flow_matching"])
 
     @field_validator("lr", "max_seconds")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import nfcore
 
@@ -94,8 +94,13 @@ class ModelCache:
 
     async def _load_into_cache(self, name: str, version: int) -> LoadedModel:
         flow = await asyncio.to_thread(self._load, name, version)
-        batcher = Batcher(forward(flow, self.config.max_batch_rows), f"{name}:{version}",
-                          self.config, metrics=self.metrics, device_lock=self._device_lock)
+        config = self.config
+        if "ode" in flow.cost.values():
+            # An adaptive ODE solver picks one step size for the whole batch, so a row's answer
+            # would move (within tolerance) with its batch-mates: each request runs alone.
+            config = replace(config, batching=False)
+        batcher = Batcher(forward(flow, config.max_batch_rows), f"{name}:{version}",
+                          config, metrics=self.metrics, device_lock=self._device_lock)
         model = LoadedModel(name, version, flow, batcher)
         self._cache[(name, version)] = model
         self._evict()

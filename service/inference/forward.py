@@ -1,7 +1,9 @@
 """The forward pass of one batch through a flow: every request's rows in one pass, split back.
 
 ``forward(flow, max_rows)`` returns the ``run`` function a ``Batcher`` calls. It runs under
-``torch.inference_mode`` on the flow's device, in chunks of at most ``max_rows`` rows.
+``torch.inference_mode`` on the flow's device, in chunks of at most ``max_rows`` rows, and under
+``nfcore.time_limit`` of the batch's earliest deadline, so that a fixed-point or ODE solve that
+cannot finish in time ends in ``SolverTimeout`` instead of a hang.
 
 Seeded sampling is batch-independent: each request draws its base noise from its own
 ``torch.Generator`` (on the CPU, so the same seed gives the same noise on any device), and the
@@ -10,6 +12,7 @@ batched pass is row-wise, so a request's samples do not depend on its neighbours
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -83,7 +86,10 @@ def forward(flow: nfcore.Flow, max_rows: int) -> Run:
     passes = {"log_prob": _log_prob, "sample": _sample}
 
     def run(batch: list[Pending]) -> list[Any]:
-        with torch.inference_mode():
+        # An iterative or ODE solve stops at the earliest deadline in the batch (SolverTimeout,
+        # a 503) instead of running on after its callers have given up.
+        left = min(p.deadline for p in batch) - time.monotonic()
+        with torch.inference_mode(), nfcore.time_limit(max(left, 1e-3)):
             return passes[batch[0].kind](flow, batch, max_rows)
 
     return run

@@ -212,11 +212,15 @@ def _decode(call: Call, route: str, options: type[BaseModel]
 
 
 # ---------------------------------------------------------------------------------- encoding
-def _encode(call: Call, model: LoadedModel, arrays: dict[str, np.ndarray]) -> Answer:
+def _encode(call: Call, model: LoadedModel, arrays: dict[str, np.ndarray], **fields: Any
+            ) -> Answer:
+    """The answer body: JSON with ``fields`` next to the arrays, or safetensors with them (as
+    JSON text) in the metadata."""
     if call.wants_binary:
-        meta = {"model": model.name, "version": str(model.version)}
+        meta = {"model": model.name, "version": str(model.version),
+                **{k: orjson.dumps(v).decode() for k, v in fields.items()}}
         return Answer(st_save(arrays, metadata=meta), OCTET_STREAM)
-    body = {"model": model.name, "version": model.version, **arrays}
+    body = {"model": model.name, "version": model.version, **arrays, **fields}
     return Answer(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), JSON)
 
 
@@ -240,7 +244,8 @@ class DataPlane:
                                else "x: field required (a list of rows)")
         model, log_prob = await self.score(opts.model, opts.version, arrays["x"],
                                            arrays.get("context"))
-        return _encode(call, model, {"log_prob": log_prob})
+        # A residual flow above its exact_dim scores with an unbiased estimate: say so.
+        return _encode(call, model, {"log_prob": log_prob}, exact=model.flow.exact_log_prob)
 
     async def sample(self, call: Call) -> Answer:
         opts, arrays = _decode(call, SAMPLE, SampleOptions)

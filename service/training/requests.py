@@ -46,7 +46,7 @@ _FITS: dict[str, Callable[..., Any]] = {"density": nfcore.fit_density,
 OPTIONS: dict[str, tuple[str, ...]] = {
     "steps": KINDS, "epochs": ("density",), "max_seconds": KINDS, "batch_size": KINDS,
     "lr": KINDS, "seed": KINDS, "validation_fraction": ("density",),
-    "anneal_steps": ("variational",),
+    "anneal_steps": ("variational",), "loss": ("density",),
 }
 
 

@@ -56,8 +56,8 @@ def _version_public(store: ModelStore, name: str, version: int) -> ModelVersionP
         version=version, created=info.created, size_bytes=info.size_bytes,
         hash=info.content_hash, dim=info.spec["dim"],
         context_dim=info.spec.get("context_dim", 0), spec=info.spec, metadata=info.metadata,
-        diagnostics=diagnostics_of(info.metadata.get("training")),
-        artifact_url=f"/models/{name}/versions/{version}/artifact")
+        diagnostics=diagnostics_of(info.metadata.get("training")), cost=info.cost,
+        log_prob_exact=info.log_prob_exact, artifact_url=f"/models/{name}/versions/{version}/artifact")
 
 
 def _check_name(store: ModelStore, name: str) -> None:

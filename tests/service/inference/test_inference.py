@@ -106,7 +106,8 @@ def test_json_answer_names_model_and_version(server: Server) -> None:
     r = httpx.post(server.url + "/log_prob", json={"model": "tiny", "x": [[0, 0]]})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/json")
-    assert set(r.json()) == {"model", "version", "log_prob"}
+    assert set(r.json()) == {"model", "version", "log_prob", "exact"}
+    assert r.json()["exact"] is True
 
 
 # ---------------------------------------------------------------------------------- model cache

@@ -77,6 +77,7 @@ def density_job(dataset: str, steps: int = 40, name: str = "moons", **training) 
     ({"training": {"lr": -1}}, "training.lr"),
     ({"training": {"stepz": 5}}, "training.stepz"),
     ({"training": {"anneal_steps": 5}}, "only for variational"),
+    ({"training": {"loss": "wasserstein"}}, "training.loss"),
     ({"training": {"steps": 5, "epochs": 2}}, "not both"),
     ({"objective": {"kind": "density", "data": [[1, 2, 3], [4, 5, 6]]}}, "3 columns"),
     ({"objective": {"kind": "density", "dataset": "ds_missing"}}, "unknown dataset 'ds_missing'"),
@@ -164,6 +165,23 @@ def test_variational_job_succeeds(api: TestClient, target: dict) -> None:
     assert job["kind"] == "variational" and job["result"]["model"] == "vi"
     r = api.post("/sample", json={"model": "vi", "n": 3, "seed": 0})
     assert r.status_code == 200 and len(r.json()["samples"]) == 3
+
+
+@pytest.mark.parametrize("loss", ["flow_matching", "likelihood", None])
+def test_cnf_density_job_trains_by_the_loss_asked_for(api: TestClient, loss: str | None) -> None:
+    training = {"steps": 15, "batch_size": 64, **({"loss": loss} if loss else {})}
+    r = api.post("/train", json={"name": "cnf", "flow": {"preset": "cnf", "dim": 2, "hidden": [8]},
+                                 "objective": {"kind": "density", "data": two_moons(200).tolist()},
+                                 "training": training})
+    assert r.status_code == 202, r.text
+    runner_for(api)(r.json()["job_id"])
+    job = api.get(r.json()["status_url"]).json()
+    assert job["status"] == "succeeded", job
+    version = api.get("/models/cnf").json()["versions"][0]
+    assert version["metadata"]["training"]["loss_function"] == (loss or "flow_matching")
+    assert version["cost"] == {"log_prob": "ode", "sample": "ode"}
+    r = api.post("/log_prob", json={"model": "cnf", "x": [[0.0, 0.5]]})
+    assert r.status_code == 200 and r.json()["exact"] is True
 
 
 def test_inline_data_job_keeps_the_data_as_a_dataset(api: TestClient) -> None:
