@@ -14,6 +14,7 @@ import nfcore
 from nfcore import read_info
 
 from ...errors import InvalidInput, NotFound
+from ...inference.constrained import target_of, target_public
 from ...store import NAME_PATTERN, ModelNotFound, ModelStore
 from ...wire import OCTET_STREAM
 from ..deps import (
@@ -32,6 +33,7 @@ from ..schemas import (
     ModelSummary,
     ModelUploaded,
     ModelVersionPublic,
+    TargetPublic,
     diagnostics_of,
 )
 
@@ -57,7 +59,18 @@ def _version_public(store: ModelStore, name: str, version: int) -> ModelVersionP
         hash=info.content_hash, dim=info.spec["dim"],
         context_dim=info.spec.get("context_dim", 0), spec=info.spec, metadata=info.metadata,
         diagnostics=diagnostics_of(info.metadata.get("training")), cost=info.cost,
-        log_prob_exact=info.log_prob_exact, artifact_url=f"/models/{name}/versions/{version}/artifact")
+        log_prob_exact=info.log_prob_exact, target=_target(info.metadata, info.spec["dim"]),
+        artifact_url=f"/models/{name}/versions/{version}/artifact")
+
+
+def _target(metadata: dict, dim: int) -> TargetPublic | None:
+    """The model-language target of a version, when it has one that builds (a stored target that
+    does not is reported by loading the model, not here)."""
+    try:
+        target = target_of(metadata, dim)
+    except nfcore.NFCoreError:
+        return None
+    return None if target is None else TargetPublic(**target_public(target))
 
 
 def _check_name(store: ModelStore, name: str) -> None:

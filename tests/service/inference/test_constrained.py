@@ -1,0 +1,215 @@
+"""Serving a flow fit to a model-language target, in process: /sample answers constrained,
+named columns with log q there and the model's log density; /log_prob takes named constrained
+values; both agree with a direct change-of-variables computation on the engine's flow."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors import safe_open
+from safetensors.numpy import load as st_load
+
+import nfcore
+from nfcore import targets
+from service.api import create_app
+from service.client import Client
+from service.inference.constrained import target_of, target_spec
+from service.settings import Settings
+
+from ..conftest import write_model
+
+#: Two parameters, one with a lower bound, a scalar and a vector derived quantity.
+MODEL = {"params": {"mu": {}, "sigma": {"lower": 0}},
+         "data": {"y": [1.2, 0.4, 2.1, 1.7, 0.9]},
+         "log_prob": ["normal_lpdf(mu, 0, 5)", "lognormal_lpdf(sigma, 0, 1)",
+                      "normal_lpdf(y, mu, sigma)"],
+         "derived": {"var": "square(sigma)", "resid": "(y - mu) / sigma"}}
+COLUMNS = ["mu", "sigma", "var"] + [f"resid[{i}]" for i in range(5)]
+FLOW = {"preset": "maf", "dim": 2, "transforms": 2, "hidden": [8]}
+
+
+@pytest.fixture
+def api(models_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
+    spec = targets.from_spec(MODEL).spec
+    write_model(models_dir, "posterior", FLOW, metadata={"target": json.dumps(spec)})
+    write_model(models_dir, "plain", FLOW, seed=1)
+    settings = Settings(models_dir=models_dir, data_dir=tmp_path / "data",
+                        embedded_worker=False, _env_file=None)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def flow_of(api: TestClient, name: str) -> nfcore.Flow:
+    return nfcore.load(api.app.state.settings.models_dir / name / "1" / "model.safetensors")
+
+
+def direct_log_q(flow: nfcore.Flow, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Change of variables by hand: z = (mu, log sigma), d(sigma)/d(log sigma) = sigma."""
+    z = torch.as_tensor(np.column_stack([mu, np.log(sigma)]), dtype=torch.float32)
+    with torch.inference_mode():
+        return flow.log_prob(z).double().numpy() - np.log(sigma)
+
+
+def direct_target(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """The model's log density written out with scipy-free numpy."""
+    y = np.asarray(MODEL["data"]["y"])
+    normal = (-0.5 * (mu / 5) ** 2 - math.log(5) - 0.5 * math.log(2 * math.pi))
+    lognormal = -0.5 * np.log(sigma) ** 2 - np.log(sigma) - 0.5 * math.log(2 * math.pi)
+    lik = (-0.5 * ((y[None] - mu[:, None]) / sigma[:, None]) ** 2 - np.log(sigma[:, None])
+           - 0.5 * math.log(2 * math.pi)).sum(1)
+    return normal + lognormal + lik
+
+
+def test_sample_answers_named_constrained_columns(api: TestClient) -> None:
+    r = api.post("/sample", json={"model": "posterior", "n": 200, "seed": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["columns"] == COLUMNS
+    samples = np.asarray(body["samples"])
+    assert samples.shape == (200, len(COLUMNS))
+    mu, sigma = samples[:, 0], samples[:, 1]
+    assert (sigma > 0).all()  # the constraint
+    np.testing.assert_allclose(samples[:, 2], sigma ** 2, rtol=1e-9)  # derived quantities
+    y = np.asarray(MODEL["data"]["y"])
+    np.testing.assert_allclose(samples[:, 3:], (y[None] - mu[:, None]) / sigma[:, None],
+                               rtol=1e-9)
+    # log q in the constrained space, and the model's density at the same points
+    np.testing.assert_allclose(body["log_prob"], direct_log_q(flow_of(api, "posterior"), mu, sigma),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(body["target_log_prob"], direct_target(mu, sigma), rtol=1e-9)
+
+
+def test_log_prob_takes_named_values_and_rows(api: TestClient) -> None:
+    mu, sigma = np.array([0.3, 1.1, -0.4]), np.array([0.5, 1.0, 2.5])
+    r = api.post("/log_prob", json={"model": "posterior",
+                                    "values": {"mu": mu.tolist(), "sigma": sigma.tolist()}})
+    assert r.status_code == 200, r.text
+    want = direct_log_q(flow_of(api, "posterior"), mu, sigma)
+    np.testing.assert_allclose(r.json()["log_prob"], want, rtol=1e-5, atol=1e-5)
+    rows = api.post("/log_prob", json={"model": "posterior",
+                                       "x": np.column_stack([mu, sigma]).tolist()})
+    np.testing.assert_allclose(rows.json()["log_prob"], r.json()["log_prob"], rtol=1e-12)
+
+
+def test_sample_and_log_prob_agree_on_the_same_values(api: TestClient) -> None:
+    body = api.post("/sample", json={"model": "posterior", "n": 50, "seed": 4}).json()
+    samples = np.asarray(body["samples"])
+    r = api.post("/log_prob", json={"model": "posterior",
+                                    "values": {"mu": samples[:, 0].tolist(),
+                                               "sigma": samples[:, 1].tolist()}})
+    np.testing.assert_allclose(r.json()["log_prob"], body["log_prob"], rtol=1e-4, atol=1e-4)
+    # the rows of a /sample answer, derived columns included, are accepted as they are
+    again = api.post("/log_prob", json={"model": "posterior", "x": body["samples"]})
+    np.testing.assert_allclose(again.json()["log_prob"], r.json()["log_prob"], rtol=1e-12)
+
+
+def test_binary_sample_carries_the_columns_in_its_metadata(api: TestClient) -> None:
+    r = api.post("/sample?model=posterior&n=30&seed=2",
+                 headers={"content-type": "application/octet-stream",
+                          "accept": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    tensors = st_load(r.content)
+    assert set(tensors) == {"samples", "log_prob", "target_log_prob"}
+    assert tensors["samples"].shape == (30, len(COLUMNS))
+    path = Path(api.app.state.settings.data_dir) / "answer.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(r.content)
+    with safe_open(str(path), "np") as f:
+        assert json.loads(f.metadata()["columns"]) == COLUMNS
+    json_body = api.post("/sample", json={"model": "posterior", "n": 30, "seed": 2}).json()
+    np.testing.assert_allclose(tensors["samples"], json_body["samples"], rtol=1e-12)
+    np.testing.assert_allclose(tensors["target_log_prob"], json_body["target_log_prob"])
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"mu": [0.0], "sigma": [-1.0]}, "values.sigma: row 0 is outside the parameter's support"),
+    ({"mu": [0.0, 1.0], "sigma": [1.0, 0.0]}, "values.sigma: row 1 is outside"),
+    ({"mu": [0.0]}, "values.sigma: missing"),
+    ({"mu": [0.0], "sigma": [1.0], "tau": [1.0]}, "values.tau: unknown parameter"),
+    ({"mu": [[0.0, 1.0]], "sigma": [1.0]}, "values.mu: expected shape (N)"),
+    ({"mu": [0.0, 1.0], "sigma": [1.0]}, "values.sigma: has 1 rows"),
+    ({"mu": ["a"], "sigma": [1.0]}, "values.mu must be a rectangular array of numbers"),
+    ([1.0, 2.0], "values must be an object"),
+])
+def test_bad_named_values_are_422_naming_the_parameter(api: TestClient, values: object,
+                                                       message: str) -> None:
+    r = api.post("/log_prob", json={"model": "posterior", "values": values})
+    assert r.status_code == 422, r.text
+    assert message in r.json()["detail"]
+
+
+def test_bad_rows_and_plain_models_are_422(api: TestClient) -> None:
+    r = api.post("/log_prob", json={"model": "posterior", "x": [[0.0, 1.0, 2.0]]})
+    assert r.status_code == 422 and "shape (rows, 2)" in r.json()["detail"]
+    r = api.post("/log_prob", json={"model": "posterior", "x": [[0.0, -1.0]]})
+    assert r.status_code == 422 and "values.sigma: row 0" in r.json()["detail"]
+    r = api.post("/log_prob", json={"model": "plain", "values": {"mu": [0.0]}})
+    assert r.status_code == 422 and "not fit to a model-language target" in r.json()["detail"]
+
+
+def test_a_bad_request_in_a_batch_fails_alone(api: TestClient) -> None:
+    """Out-of-support values fail their own request only, whatever it was batched with."""
+    good = api.post("/log_prob", json={"model": "posterior",
+                                       "values": {"mu": [0.1], "sigma": [1.0]}})
+    bad = api.post("/log_prob", json={"model": "posterior",
+                                      "values": {"mu": [0.1], "sigma": [-1.0]}})
+    assert good.status_code == 200 and bad.status_code == 422
+
+
+def test_plain_flows_answer_as_before(api: TestClient) -> None:
+    body = api.post("/sample", json={"model": "plain", "n": 5, "seed": 0}).json()
+    assert set(body) == {"model", "version", "samples", "log_prob"}
+    r = api.post("/log_prob", json={"model": "plain", "x": body["samples"]})
+    assert set(r.json()) == {"model", "version", "log_prob", "exact"}
+
+
+def test_model_page_shows_the_columns_and_params(api: TestClient) -> None:
+    version = api.get("/models/posterior").json()["versions"][0]
+    assert version["target"]["columns"] == COLUMNS
+    assert version["target"]["params"] == {"mu": {}, "sigma": {"lower": 0.0}}
+    assert version["target"]["derived_columns"] == COLUMNS[2:]
+    assert "target" not in api.get("/models/plain").json()["versions"][0]
+
+
+def test_client_returns_the_columns(api: TestClient) -> None:
+    client = Client(http=api)
+    for binary in (False, True):
+        draws = client.draws("posterior", 40, seed=3, binary=binary)
+        assert draws.columns == COLUMNS and draws.samples.shape == (40, len(COLUMNS))
+        np.testing.assert_allclose(draws.log_weights, draws.target_log_prob - draws.log_prob)
+        named = draws.named()
+        assert named["sigma"].shape == (40,) and (named["sigma"] > 0).all()
+        lp = client.log_prob("posterior", values={"mu": named["mu"], "sigma": named["sigma"]})
+        np.testing.assert_allclose(lp, draws.log_prob, rtol=1e-4, atol=1e-4)
+    plain = client.draws("plain", 4, seed=0)
+    assert plain.columns is None and plain.target_log_prob is None
+
+
+def test_target_is_read_from_metadata_text_in_its_order() -> None:
+    spec = targets.from_spec(MODEL).spec
+    assert list(target_spec({"target": json.dumps(spec)})["derived"]) == ["var", "resid"]
+    assert target_spec({"target": json.dumps({"builtin": "U1"})}) is None
+    assert target_spec({"training": {"target_spec": spec}}) is None  # sorted by nfcore.save
+    assert target_of({"target": spec}, 2).columns == COLUMNS
+    with pytest.raises(nfcore.TargetError, match="flow has dim 3"):
+        target_of({"target": spec}, 3)
+
+
+def test_cli_sample_writes_named_columns(api: TestClient, capsys: pytest.CaptureFixture) -> None:
+    from service.cli import main
+
+    models_dir = api.app.state.settings.models_dir
+    assert main(["sample", "posterior", "-n", "5", "--seed", "1", "--models-dir",
+                 str(models_dir)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split(",") == [*COLUMNS, "log_prob", "target_log_prob"]
+    rows = np.loadtxt(io.StringIO("\n".join(lines[1:])), delimiter=",")
+    assert rows.shape == (5, len(COLUMNS) + 2) and (rows[:, 1] > 0).all()
