@@ -4,9 +4,12 @@ values; both agree with a direct change-of-variables computation on the engine's
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +24,9 @@ import nfcore
 from nfcore import targets
 from service.api import create_app
 from service.client import Client
-from service.inference.constrained import target_of, target_spec
+from service.errors import InvalidInput
+from service.inference import Batcher, BatcherConfig, Pending, forward
+from service.inference.constrained import target_of, target_spec, wrap
 from service.settings import Settings
 
 from ..conftest import write_model
@@ -155,13 +160,39 @@ def test_bad_rows_and_plain_models_are_422(api: TestClient) -> None:
     assert r.status_code == 422 and "not fit to a model-language target" in r.json()["detail"]
 
 
-def test_a_bad_request_in_a_batch_fails_alone(api: TestClient) -> None:
-    """Out-of-support values fail their own request only, whatever it was batched with."""
-    good = api.post("/log_prob", json={"model": "posterior",
-                                       "values": {"mu": [0.1], "sigma": [1.0]}})
-    bad = api.post("/log_prob", json={"model": "posterior",
-                                      "values": {"mu": [0.1], "sigma": [-1.0]}})
-    assert good.status_code == 200 and bad.status_code == 422
+def test_a_bad_request_in_a_batch_fails_alone() -> None:
+    """Out-of-support values fail their own request only, in a batch with good ones, and the
+    good ones get the same answer as alone (the pass does not alter the queued requests)."""
+    torch.manual_seed(0)
+    flow = nfcore.build(FLOW)
+    target = targets.from_spec(MODEL)
+    run = wrap(forward(flow, 1000), flow, target)
+    lock = threading.Lock()
+    batcher = Batcher(run, "t:1", BatcherConfig(max_queue_delay_s=0.0), device_lock=lock)
+    good = np.array([[1.0, 0.2], [0.5, 2.0]])
+    bad = np.array([[0.0, 1.0], [0.0, -1.0]])
+
+    def job(x: np.ndarray) -> Pending:
+        loop = asyncio.get_running_loop()
+        return Pending(kind="log_prob", rows=len(x), future=loop.create_future(), loop=loop,
+                       deadline=time.monotonic() + 30, x=x)
+
+    async def main() -> list:
+        with lock:  # hold every pass until all three are queued: they run as one batch first
+            first, second, third = job(good), job(bad), job(good.copy())
+            for item in (first, second, third):
+                batcher.submit(item)
+        return await asyncio.gather(first.future, second.future, third.future,
+                                    return_exceptions=True)
+
+    try:
+        got_first, got_bad, got_third = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert isinstance(got_bad, InvalidInput) and "values.sigma: row 1" in got_bad.detail
+    want = direct_log_q(flow, good[:, 0], good[:, 1])
+    np.testing.assert_allclose(got_first, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_third, want, rtol=1e-5, atol=1e-5)
 
 
 def test_plain_flows_answer_as_before(api: TestClient) -> None:
@@ -213,3 +244,15 @@ def test_cli_sample_writes_named_columns(api: TestClient, capsys: pytest.Capture
     assert lines[0].split(",") == [*COLUMNS, "log_prob", "target_log_prob"]
     rows = np.loadtxt(io.StringIO("\n".join(lines[1:])), delimiter=",")
     assert rows.shape == (5, len(COLUMNS) + 2) and (rows[:, 1] > 0).all()
+
+
+def test_openapi_documents_named_values_columns_and_model_targets(api: TestClient) -> None:
+    doc = api.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    request = doc["paths"]["/log_prob"]["post"]["requestBody"]["content"]["application/json"]
+    assert "values" in request["schema"]["properties"]
+    assert any("values" in ex for ex in request["schema"]["examples"])
+    assert {"columns", "target_log_prob"} <= set(schemas["SampleResponse"]["properties"])
+    assert "params" in schemas["ModelLanguageTarget"]["properties"]
+    assert schemas["ModelLanguageTarget"]["examples"][0]["derived"] == {
+        "theta": "mu + tau * theta_tilde"}
