@@ -156,6 +156,11 @@ async def create_model(
             flow = nfcore.loads(body)
         except nfcore.ArtifactError as e:
             raise InvalidInput(f"Malformed model upload: {e}") from None
+        try:  # a model-language target in its metadata must rebuild, as the cache will
+            target_of(flow.metadata, flow.dim)
+        except nfcore.NFCoreError as e:
+            raise InvalidInput(f"Malformed model upload: its target cannot be rebuilt: {e}"
+                               ) from None
         return store.publish_bytes(name, body, version=version), flow, read_info(body).content_hash
 
     v, flow, content_hash = await run_in_threadpool(validate_and_store)

@@ -23,13 +23,14 @@ from safetensors.numpy import load as st_load
 import nfcore
 from nfcore import targets
 from service.api import create_app
-from service.client import Client
+from service.client import AsyncClient, Client
+from service.client import InvalidInput as ClientInvalidInput
 from service.errors import InvalidInput
 from service.inference import Batcher, BatcherConfig, Pending, forward
 from service.inference.constrained import target_of, target_spec, wrap
 from service.settings import Settings
 
-from ..conftest import write_model
+from ..conftest import Server, write_model
 
 #: Two parameters, one with a lower bound, a scalar and a vector derived quantity.
 MODEL = {"params": {"mu": {}, "sigma": {"lower": 0}},
@@ -256,3 +257,53 @@ def test_openapi_documents_named_values_columns_and_model_targets(api: TestClien
     assert "params" in schemas["ModelLanguageTarget"]["properties"]
     assert schemas["ModelLanguageTarget"]["examples"][0]["derived"] == {
         "theta": "mu + tau * theta_tilde"}
+
+
+def test_an_upload_whose_target_does_not_rebuild_is_422(api: TestClient) -> None:
+    torch.manual_seed(0)
+    flow = nfcore.build(FLOW)
+    bad = dict(MODEL, log_prob="normal_lpdf(y, mu, sigmaa)")
+    for target, message in [(bad, "Unknown name 'sigmaa'"),
+                            ({"params": {"mu": {"shape": [3]}}, "log_prob": "normal_lpdf(mu, 0, 1)"},
+                             "flow has dim 2")]:
+        body = nfcore.saves(flow, metadata={"target": json.dumps(target)})
+        r = api.post("/models?name=uploaded", content=body,
+                     headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 422, r.text
+        assert "its target cannot be rebuilt" in r.json()["detail"]
+        assert message in r.json()["detail"]
+    good = nfcore.saves(flow, metadata={"target": json.dumps(targets.from_spec(MODEL).spec)})
+    r = api.post("/models?name=uploaded", content=good,
+                 headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+    body = api.post("/sample", json={"model": "uploaded", "n": 3, "seed": 0}).json()
+    assert body["columns"] == COLUMNS
+
+
+def test_async_client_against_a_real_server(server: Server) -> None:
+    """A real uvicorn process (fast path on): the async client gets the columns, JSON and binary,
+    and named values score back to the same log q."""
+    spec = targets.from_spec(MODEL).spec
+    write_model(server.models_dir, "posterior_async", FLOW, metadata={"target": json.dumps(spec)})
+    flow = nfcore.load(server.models_dir / "posterior_async" / "1" / "model.safetensors")
+
+    async def main() -> tuple:
+        async with AsyncClient(server.url) as c:
+            d = await c.draws("posterior_async", 64, seed=5)
+            b = await c.draws("posterior_async", 64, seed=5, binary=True)
+            named = d.named()
+            lp = await c.log_prob("posterior_async",
+                                  values={"mu": named["mu"], "sigma": named["sigma"]})
+            try:
+                await c.log_prob("posterior_async", values={"mu": [0.0], "sigma": [0.0]})
+            except ClientInvalidInput as e:
+                error = e
+            return d, b, lp, error
+
+    d, b, lp, error = asyncio.run(main())
+    assert d.columns == b.columns == COLUMNS
+    np.testing.assert_allclose(b.samples, d.samples, rtol=1e-12)
+    np.testing.assert_allclose(lp, d.log_prob, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d.log_prob, direct_log_q(flow, d.samples[:, 0], d.samples[:, 1]),
+                               rtol=1e-4, atol=1e-4)
+    assert error.status_code == 422 and "values.sigma: row 0" in error.detail
