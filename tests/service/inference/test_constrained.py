@@ -307,3 +307,8 @@ def test_async_client_against_a_real_server(server: Server) -> None:
     np.testing.assert_allclose(d.log_prob, direct_log_q(flow, d.samples[:, 0], d.samples[:, 1]),
                                rtol=1e-4, atol=1e-4)
     assert error.status_code == 422 and "values.sigma: row 0" in error.detail
+
+
+def test_plot_of_a_two_parameter_model_is_in_its_constrained_space(api: TestClient) -> None:
+    r = api.get("/models/posterior/plot.png?n=200&grid=32")
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
