@@ -312,3 +312,38 @@ def test_async_client_against_a_real_server(server: Server) -> None:
 def test_plot_of_a_two_parameter_model_is_in_its_constrained_space(api: TestClient) -> None:
     r = api.get("/models/posterior/plot.png?n=200&grid=32")
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+
+
+SIMPLEX = {"params": {"p": {"constraint": "simplex", "shape": [3]}, "s": {"lower": 1, "upper": 4}},
+           "log_prob": ["sum(log(p))", "normal_lpdf(s, 2, 1)"], "derived": {"p0s": "p[0] * s"}}
+
+
+def test_log_q_on_a_simplex_and_an_interval_matches_autograd(models_dir: Path,
+                                                             api: TestClient) -> None:
+    """Three simplex columns from two free reals, and an interval: log q in the constrained
+    space is log q(z) minus log|det| of the Jacobian of z -> (p[0], p[1], s), by autograd."""
+    target = targets.from_spec(SIMPLEX)
+    flow_spec = {"preset": "maf", "dim": 3, "transforms": 2, "hidden": [8]}
+    write_model(models_dir, "simplex", flow_spec, metadata={"target": json.dumps(target.spec)})
+    flow = flow_of(api, "simplex")
+    body = api.post("/sample", json={"model": "simplex", "n": 20, "seed": 0}).json()
+    assert body["columns"] == ["p[0]", "p[1]", "p[2]", "s", "p0s"]
+    samples = np.asarray(body["samples"])
+    np.testing.assert_allclose(samples[:, :3].sum(1), 1.0, rtol=1e-9)
+    assert ((samples[:, 3] > 1) & (samples[:, 3] < 4)).all()
+    values = {"p": samples[:, :3].tolist(), "s": samples[:, 3].tolist()}
+    lp = np.asarray(api.post("/log_prob", json={"model": "simplex", "values": values}).json()
+                    ["log_prob"])
+    np.testing.assert_allclose(lp, body["log_prob"], rtol=1e-4, atol=1e-4)
+
+    z = target.unconstrain(torch.as_tensor(samples[:, :4]))
+
+    def free(zi: torch.Tensor) -> torch.Tensor:  # z -> (p[0], p[1], s)
+        v = target.constrain(zi[None])[0][0]
+        return v[[0, 1, 3]]
+
+    logdet = np.array([torch.linalg.slogdet(torch.autograd.functional.jacobian(free, zi))[1]
+                       .item() for zi in z])
+    with torch.inference_mode():
+        log_qz = flow.log_prob(z.float()).double().numpy()
+    np.testing.assert_allclose(lp, log_qz - logdet, rtol=1e-4, atol=1e-4)

@@ -82,6 +82,7 @@ def test_model_job_trains_serves_named_columns_and_survives_a_restart(
         done = wait_job(client, accepted["job_id"], deployment)
         assert done["status"] == "succeeded", done
         assert done["result"]["model"] == "posterior" and done["result"]["diagnostics"]
+        assert done["objective"]["target"] == MODEL  # as given, nothing added
 
         # the model page names the columns and the parameters
         version = client.model("posterior")["versions"][0]
