@@ -174,8 +174,9 @@ class Target:
         else:
             if hasattr(context, "tolist") and not isinstance(context, Tensor):
                 context = context.tolist()
-            try:
-                c = torch.as_tensor(context, dtype=torch.float64).detach().cpu()
+            try:  # a tensor stays on its device
+                c = (context.detach().to(torch.float64) if isinstance(context, Tensor)
+                     else torch.as_tensor(context, dtype=torch.float64))
             except (TypeError, ValueError, RuntimeError) as e:
                 raise TargetError(f"context: expected numbers; {e}"[:300]) from None
             if c.ndim == 1:
