@@ -110,7 +110,8 @@ def summarize_contexts(reports: list[dict[str, Any]], contexts: Tensor, held_out
     if share >= OK_SHARE and not counts["unreliable"]:
         overall = "ok"
     else:
-        overall = "unreliable" if counts["unreliable"] / n > 1 - OK_SHARE else "check"
+        overall = ("unreliable" if counts["unreliable"] / n > round(1 - OK_SHARE, 9)
+                   else "check")
         reasons.append(f"{counts['ok']} of {n} {'held-out ' if held_out else ''}contexts are "
                        f"'ok' ({share:.0%}; 'ok' overall needs {OK_SHARE:.0%} and none "
                        f"'unreliable'), {counts['check']} 'check', {counts['unreliable']} "
