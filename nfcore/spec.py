@@ -63,6 +63,11 @@ def _hidden(field: str, v: Any) -> list[int]:
     return [_int(1, LIMITS["hidden_width"])(f"{field}[{i}]", h) for i, h in enumerate(v)]
 
 
+def _hidden_or_linear(field: str, v: Any) -> list[int]:
+    """Like ``_hidden``, and ``[]`` too: a linear map (the paper's amortised planar flows)."""
+    return [] if isinstance(v, list | tuple) and not v else _hidden(field, v)
+
+
 def _open_unit(field: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
         raise SpecError(field, f"expected a number in (0, 1); got {v!r}")
@@ -82,8 +87,9 @@ _SPLINE = {**_NET, "bins": (8, _int(2, LIMITS["bins"])), "bound": (5.0, _positiv
 
 #: Each layer type's hyper-parameters: name -> (default, validator).
 LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
-    "planar": {},
-    "radial": {},
+    # Their context network's widths; filled in (and allowed) only when context_dim > 0.
+    "planar": {"hidden": ([64, 64], _hidden_or_linear), "activation": ("relu", _ACTIVATION)},
+    "radial": {"hidden": ([64, 64], _hidden_or_linear), "activation": ("relu", _ACTIVATION)},
     "affine_coupling": _AFFINE,
     "maf": _AFFINE,
     "iaf": _AFFINE,
@@ -107,9 +113,12 @@ LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
             "exact_dim": (16, _int(0, LIMITS["dim"])), "freqs": (3, _int(0, 16))},
 }
 _COUPLING = {"affine_coupling", "nsf_coupling"}
+#: Layer types whose hyper-parameters only describe a context network: without a context they
+#: are left out of the canonical spec, and giving one is an error.
+_CONTEXT_ONLY = {"planar", "radial"}
 #: Layer types that take a context.
 CONDITIONAL = frozenset({"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar", "residual",
-                         "sylvester", "cnf"})
+                         "sylvester", "cnf", "planar", "radial"})
 
 #: Preset name -> (repeated layer type, whether to put a permutation between repeats, whether an
 #: ``actnorm`` goes before each repeat, the default number of repeats).
@@ -164,6 +173,12 @@ def _layer(field: str, raw: Any, dim: int, context_dim: int) -> dict:
     if kind in _COUPLING and dim < 2:
         raise SpecError(f"{field}.type", f"{kind} needs dim >= 2; got dim {dim}")
     out = {"type": kind}
+    if kind in _CONTEXT_ONLY and not context_dim:
+        for name in schema:
+            if name in raw:
+                raise SpecError(f"{field}.{name}", f"only a conditional {kind} layer has a "
+                                                   "context network; set context_dim > 0")
+        return out
     for name, (default, check) in schema.items():
         value = raw.get(name, _MISSING)
         out[name] = copy.deepcopy(default) if value is _MISSING else check(f"{field}.{name}", value)

@@ -73,6 +73,19 @@ DEFENSIVE_DF = 1
 _EVAL_CHUNK = 4096
 
 
+#: The diagnostics that count against a fit when above their thresholds, with what each means.
+_ABOVE = (
+    ("tail_fraction", lambda v: f"{v:.2%} of the samples reach a spline layer's identity tails "
+     "(outside its [-bound, bound]), where the flow cannot shape the density: raise the spline's "
+     "bound or fit with a loc_scale layer on the data side"),
+    ("missing_mass", lambda v: f"q misses about {v:.0%} of the target's mass, which a heavy-tailed "
+     "proposal around a Gaussian approximation of the target finds: q's samples rarely visit it, "
+     "so its ESS and k̂ cannot see it"),
+    ("outside_support", lambda v: f"{v:.2%} of q's samples fall where the target's density is "
+     "zero or not a number"),
+)
+
+
 @torch.no_grad()
 def sample_with_tails(flow: Flow, noise: Tensor, context: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,26 +127,11 @@ def verdict(diagnostics: dict[str, Any]) -> tuple[str, list[str]]:
                        f"the importance-sampling ESS is {ess:.1%} of the samples (< {check:.0%}): "
                        f"a raw-sample mean may be off by up to {bound:.2g} sd (sqrt(1/ESS - 1)); "
                        "weight the samples by exp(target_log_prob - log_prob), or train longer"))
-    tail = diagnostics.get("tail_fraction")
-    check, bad = THRESHOLDS["tail_fraction"]
-    if tail is not None and tail > check:
-        issues.append((2 if tail > bad else 1,
-                       f"{tail:.2%} of the samples reach a spline layer's identity tails (outside "
-                       "its [-bound, bound]), where the flow cannot shape the density: raise the "
-                       "spline's bound or fit with a loc_scale layer on the data side"))
-    missing = diagnostics.get("missing_mass")
-    check, bad = THRESHOLDS["missing_mass"]
-    if missing is not None and missing > check:
-        issues.append((2 if missing > bad else 1,
-                       f"q misses about {missing:.0%} of the target's mass, which a heavy-tailed "
-                       "proposal around a Gaussian approximation of the target finds: q's samples "
-                       "rarely visit it, so its ESS and k̂ cannot see it"))
-    outside = diagnostics.get("outside_support")
-    check, bad = THRESHOLDS["outside_support"]
-    if outside is not None and outside > check:
-        issues.append((2 if outside > bad else 1,
-                       f"{outside:.2%} of q's samples fall where the target's density is zero "
-                       "or not a number"))
+    for key, says in _ABOVE:
+        value = diagnostics.get(key)
+        check, bad = THRESHOLDS[key]
+        if value is not None and value > check:
+            issues.append((2 if value > bad else 1, says(value)))
     if not issues:
         return "ok", []
     worst = max(level for level, _ in issues)
