@@ -2,6 +2,12 @@
 
 A spec is plain JSON. ``normalize_spec`` returns the canonical form that ``build`` consumes and that
 artifacts store: presets expanded, every default filled in, nothing unknown left.
+
+A conditional flow (``context_dim > 0``) may embed its context first: ``"embedding": {"hidden":
+[64, 64], "features": 16, "activation": "relu"}`` (``features`` required) puts a small network
+between the raw context and every conditional layer, which then sees ``features`` numbers instead
+of ``context_dim``: useful for large contexts (an image, a long series). The key appears in the
+normalized spec only when given.
 """
 
 from __future__ import annotations
@@ -131,7 +137,8 @@ PRESETS: dict[str, tuple[str, bool, bool, int]] = {
     "cnf": ("cnf", False, False, 1),
 }
 _PRESET_KEYS = {"preset": None, "dim": None, "context_dim": None, "dtype": None, "base": None,
-                "transforms": None, "standardize": None, "loc_scale": None, "mixing": None}
+                "transforms": None, "standardize": None, "loc_scale": None, "mixing": None,
+                "embedding": None}
 
 #: Above this dimension a preset's ``loc_scale`` layer is diagonal (its triangular factor would
 #: cost O(dim^2) per row and parameters).
@@ -216,6 +223,19 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     return layers
 
 
+def _embedding(raw: Any, context_dim: int) -> dict:
+    if not isinstance(raw, Mapping):
+        raise SpecError("embedding", f"expected an object with 'features'; got {raw!r}")
+    _check_keys("embedding", raw, {"hidden", "features", "activation"})
+    if "features" not in raw:
+        raise SpecError("embedding.features", "missing")
+    if not context_dim:
+        raise SpecError("embedding", "a context embedding needs context_dim > 0")
+    return {"hidden": _hidden("embedding.hidden", raw.get("hidden", [64, 64])),
+            "features": _int(1, LIMITS["context_dim"])("embedding.features", raw["features"]),
+            "activation": _ACTIVATION("embedding.activation", raw.get("activation", "relu"))}
+
+
 def normalize_spec(spec: Any) -> dict:
     """Validate ``spec`` and return its canonical form. Raises ``SpecError`` naming the field."""
     if not isinstance(spec, Mapping):
@@ -236,7 +256,7 @@ def normalize_spec(spec: Any) -> dict:
             raise SpecError("layers", "give either 'preset' or 'layers', not both")
         raw_layers = _expand_preset(spec)
     else:
-        _check_keys("", spec, {"dim", "context_dim", "dtype", "base", "layers"})
+        _check_keys("", spec, {"dim", "context_dim", "dtype", "base", "layers", "embedding"})
         raw_layers = spec.get("layers", _MISSING)
         if raw_layers is _MISSING:
             raise SpecError("layers", "missing; give 'layers' or a 'preset'")
@@ -248,5 +268,8 @@ def normalize_spec(spec: Any) -> dict:
     if context_dim and not any(layer["type"] in CONDITIONAL for layer in layers):
         raise SpecError("context_dim", "no layer of this flow can be conditioned on a context; "
                                        f"use one of {sorted(CONDITIONAL)}")
-    return {"dim": dim, "context_dim": context_dim, "dtype": dtype, "base": {"type": "normal"},
-            "layers": layers}
+    out = {"dim": dim, "context_dim": context_dim, "dtype": dtype, "base": {"type": "normal"},
+           "layers": layers}
+    if "embedding" in spec:
+        out["embedding"] = _embedding(spec["embedding"], context_dim)
+    return out

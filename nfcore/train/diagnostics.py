@@ -92,6 +92,7 @@ def sample_with_tails(flow: Flow, noise: Tensor, context: Tensor | None = None
     """``flow.sample_from_noise`` that also says, per sample, whether it reached the identity tails
     of any spline layer on the way: ``(x, log_q, in_tail)``."""
     z, log_q = noise, flow.base_log_prob(noise)
+    context = flow.embed(context)
     in_tail = torch.zeros(noise.shape[0], dtype=torch.bool, device=noise.device)
     for layer in reversed(flow.layers):
         z, ladj = layer.inverse(z, context)
@@ -149,12 +150,14 @@ def as_float64(flow: Flow) -> Flow:
 
 @torch.no_grad()
 def evaluate_target(flow: Flow, target: Target, n: int = 20_000, seed: int = 0, *,
-                    start: GaussianStart | None = None) -> dict[str, Any]:
+                    start: GaussianStart | None = None, context: Tensor | None = None
+                    ) -> dict[str, Any]:
     """Importance diagnostics of ``flow`` as an approximation of ``target`` from ``n`` samples:
     ``elbo``, ``elbo_stderr``, ``ess_fraction``, ``log_z_estimate``, ``kl`` (when ``log_z`` is
     known; ``KL(q||p) = log Z - ELBO``, in nats), ``ess_samples`` and ``diagnostics``
     (``pareto_k``, ``ess_fraction``, ``tail_fraction``, ``missing_mass`` when a Gaussian ``start``
-    is given, ``verdict`` and ``reasons``).
+    is given, ``verdict`` and ``reasons``). For a conditional flow and target, ``context`` is the
+    one context row ``(1, context_dim)`` to evaluate ``q(. | c)`` at.
 
     Example:
         >>> import nfcore, torch
@@ -174,8 +177,9 @@ def evaluate_target(flow: Flow, target: Target, n: int = 20_000, seed: int = 0, 
     for i in range(0, n, _EVAL_CHUNK):
         m = min(_EVAL_CHUNK, n - i)
         eps = torch.randn(m, flow.dim, generator=gen, dtype=flow.dtype).to(flow.device)
-        x, log_q, in_tail = sample_with_tails(flow, eps)
-        log_p = target.log_prob(x)
+        c = None if context is None else context.to(flow.device, flow.dtype).expand(m, -1)
+        x, log_q, in_tail = sample_with_tails(flow, eps, c)
+        log_p = target.log_prob(x) if c is None else target.log_prob(x, c)
         log_w_parts.append(log_p - log_q)
         tail_parts.append(in_tail)
         if start is not None:
