@@ -46,6 +46,7 @@ class Planar(Layer):
     """
 
     fast_forward = False
+    row_wise = False  # its solver stops on a batch-wide rule
 
     def __init__(self, dim: int, **_):
         super().__init__()
