@@ -34,10 +34,11 @@ class Flow(nn.Module):
         True
     """
 
-    #: Without autograd, ``log_prob`` and ``sample_from_noise`` run a large batch in blocks of this
-    #: many rows, so that a block's activations stay in cache (the lean inference path); the
-    #: flows whose solvers stop on a batch-wide rule (``Layer.row_wise`` False) run whole.
-    block_rows: int = 4096
+    #: Without autograd, on a CPU, ``log_prob`` and ``sample_from_noise`` run a large batch in
+    #: blocks of this many rows, so that a block's activations stay in cache (the lean inference
+    #: path, see ``benchmarks/results/roofline.md``); the flows whose solvers stop on a batch-wide
+    #: rule (``Layer.row_wise`` False) run whole.
+    block_rows: int = 8192
 
     def __init__(self, spec: dict[str, Any]):
         super().__init__()
@@ -151,8 +152,9 @@ class Flow(nn.Module):
             with eager_inference():
                 return fn(x, context)
         step = self.block_rows
-        if not lean() or x.shape[0] <= step or not all(layer.row_wise for layer in self.layers):
-            return fn(x, context)
+        if (not lean() or x.shape[0] <= step or x.device.type != "cpu"
+                or not all(layer.row_wise for layer in self.layers)):
+            return fn(x, context)  # (a GPU wants the whole batch at once)
         parts = [fn(x[i : i + step], None if context is None else context[i : i + step])
                  for i in range(0, x.shape[0], step)]
         if isinstance(parts[0], tuple):
@@ -188,6 +190,21 @@ class Flow(nn.Module):
             z, l = layer.inverse(z, context)
             log_q = log_q - l
         return z, log_q
+
+    @torch.inference_mode()
+    def warm_up(self, rows: int = 256) -> Flow:
+        """Run each one-pass inference direction once on ``rows`` rows, so that the first real
+        request does not pay for the lean path's cached weights or the kernels' first-call set-up
+        (a server calls this when it loads a model). The iterative and ODE directions are left
+        alone: their cost is their solve, and a warm-up could not bound it."""
+        ctx = (None if self.context_dim == 0 else
+               torch.zeros(rows, self.context_dim, dtype=self.dtype, device=self.device))
+        z = torch.zeros(rows, self.dim, dtype=self.dtype, device=self.device)
+        if self.cost["log_prob"] == "one pass":
+            self._inference(self._log_prob, z, ctx)
+        if self.cost["sample"] == "one pass":
+            self._inference(self._sample_from_noise, z, ctx)
+        return self
 
     def sample(self, n: int, *, context: Any = None,
                generator: torch.Generator | None = None) -> Tensor:

@@ -65,10 +65,13 @@ class ModelCache:
 
     def _load(self, name: str, version: int) -> nfcore.Flow:
         try:
-            return nfcore.load(self.store.path(name, version), device=self.device)
+            flow = nfcore.load(self.store.path(name, version), device=self.device)
         except nfcore.ArtifactError as e:
             raise ModelUnavailable(f"Model {name!r} version {version} cannot be loaded: {e}"
                                    ) from None
+        # The batcher's passes run nfcore's lean inference path (inference mode, row blocks);
+        # warm it here, off the event loop, so that no client's request pays for its set-up.
+        return flow.warm_up()
 
     async def get(self, name: str, version: int | None = None) -> LoadedModel:
         """The loaded model (latest version when ``version`` is None), loading it on a miss."""

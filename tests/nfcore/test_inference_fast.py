@@ -107,3 +107,21 @@ def test_cached_masked_weights_follow_updates():
         reference = flow.log_prob(x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("preset", "context_dim"), CASES)
+def test_warm_up_runs_for_every_preset(preset, context_dim):
+    flow = _flow(preset, context_dim, "float32")
+    assert flow.warm_up(rows=8) is flow
+
+
+def test_warm_up_fills_the_masked_weight_cache():
+    """After ``warm_up`` (what the server calls at model load) the MADE layers hold their masked
+    weights, so a client's first request computes none."""
+    from nfcore.layers.base import MaskedLinear
+
+    flow = _flow("maf", 0, "float32")
+    masked = [m for m in flow.modules() if isinstance(m, MaskedLinear)]
+    assert masked and all("_masked" not in m.__dict__ for m in masked)
+    flow.warm_up(rows=8)
+    assert all("_masked" in m.__dict__ for m in masked)
