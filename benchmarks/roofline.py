@@ -250,7 +250,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=sorted(nfcore.PRESETS))
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the log_prob pass (minutes to compile)")
-    parser.add_argument("--no-eager", action="store_true", help="skip the eager columns")
+    parser.add_argument("--eager-dims", type=int, nargs="*", default=None,
+                        help="dims that get the eager columns (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="10,000 rows, dims 2 and 10, one repeat: a smoke run")
     parser.add_argument("--out", default="roofline", help="result file name (benchmarks/results)")
@@ -267,7 +268,8 @@ def main() -> None:
         for preset in args.presets:
             if preset in ("realnvp", "nsf") and dim < 2:
                 continue
-            row, fact = preset_row(preset, dim, args.rows, args.repeats, not args.no_eager)
+            eager = args.eager_dims is None or dim in args.eager_dims
+            row, fact = preset_row(preset, dim, args.rows, args.repeats, eager)
             rows.append(row)
             facts.append(fact)
             print(f"dim {dim}: " + " | ".join(map(str, row)), flush=True)
@@ -323,6 +325,8 @@ def main() -> None:
                  f"{min(args.rows, 20_000):,} rows, dim 10)\n\n" + "\n\n".join(profiles))
     command = (f"python benchmarks/roofline.py --rows {args.rows} --repeats {args.repeats} "
                f"--threads {args.threads} --dims {' '.join(map(str, args.dims))}"
+               + ("" if args.eager_dims is None
+                  else f" --eager-dims {' '.join(map(str, args.eager_dims))}")
                + (" --compile" if args.compile else ""))
     path = write_result(args.out, "Roofline: inference rate as a share of the skinny-GEMM rate",
                         body, command)
