@@ -18,7 +18,9 @@ BLOCK = 64
 def _flow(preset: str, context_dim: int, dtype: str) -> nfcore.Flow:
     torch.manual_seed(0)
     spec = {"preset": preset, "dim": 4, "context_dim": context_dim, "dtype": dtype}
-    if "hidden" in LAYER_TYPES[PRESETS[preset][0]]:
+    kind = PRESETS[preset][0]
+    # planar and radial have a network (and so "hidden") only when conditional
+    if "hidden" in LAYER_TYPES[kind] and (context_dim or kind not in ("planar", "radial")):
         spec["hidden"] = [16, 16]
     if preset != "cnf":
         spec["transforms"] = 2
