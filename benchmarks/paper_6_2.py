@@ -343,8 +343,8 @@ def main() -> None:
         f"{PAPER}: {89.9 - 85.1:.1f} nats gained from the diagonal Gaussian to planar K = 80. "
         "Here, on 64-pixel digits with an "
         f"{args.latent}-dimensional latent space: {gain:.2f} nats from K = 0 to "
-        f"K = {max(args.ks)}, and the IAF row "
-        f"{means[0] - statistics.mean(nll[iaf_name]):.2f} nats below the diagonal Gaussian. The "
+        f"K = {max(args.ks)}, and {means[0] - statistics.mean(nll[iaf_name]):+.2f} nats from "
+        "the diagonal Gaussian to the IAF (negative: worse). The "
         "absolute values are not comparable (784 vs 64 pixels).",
         "",
         "## Goals",
