@@ -231,8 +231,8 @@ observations (seed {args.seed + 1000}).
 - Amortized flow: `{spec(args, D)}`, `fit_target(..., contexts=..., steps={args.steps},
   batch_size={args.batch_size}, context_batch={args.context_batch}, lr={args.lr})`:
   {train_s:.1f} s; its own held-out diagnostics: verdict
-  `{fit.summary['diagnostics']['verdict']}`, k̂ median {fit.summary['diagnostics']['pareto_k']['median']}
-  / max {fit.summary['diagnostics']['pareto_k']['max']}, share ok {fit.summary['diagnostics']['ok_share']:.0%}
+  `{fit.summary['diagnostics']['verdict']}`, k̂ median {fit.summary['diagnostics']['pareto_k_median']}
+  / max {fit.summary['diagnostics']['pareto_k']}, share ok {fit.summary['diagnostics']['ok_share']:.0%}
   of {fit.summary['diagnostics']['contexts']} held-out contexts.
 - Errors from {args.samples} draws per observation (Monte-Carlo sd of a mean: {1 / args.samples ** 0.5:.3f}
   posterior sd); k̂ from 2000 draws per observation.
