@@ -233,7 +233,7 @@ language with `x` as its `context`; exact posterior N(x/2, 0.05 I). Training con
 {args.contexts} draws from the prior predictive (seed {args.seed}); {args.observations} fresh
 observations (seed {args.seed + 1000}).
 
-- Load average before / after: {load_before} / {load_after}. The machine is shared with other
+- Load average: before the run {load_before}; after it {load_after}. The machine is shared with other
   jobs, so times are noisy; the ratios compare figures measured in this run.
 - Amortized flow: `{spec(args, D)}`, `fit_target(..., contexts=..., steps={args.steps},
   batch_size={args.batch_size}, context_batch={args.context_batch}, lr={args.lr})`:
