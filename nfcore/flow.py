@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .errors import ShapeError
 from .layers import LAYER_CLASSES, MLP, Layer
+from .layers.base import eager_inference, lean
 from .spec import CONDITIONAL, normalize_spec
 
 __all__ = ["Flow", "ContextEmbedding", "build"]
@@ -48,8 +49,17 @@ class Flow(nn.Module):
         True
     """
 
+    #: Without autograd, on a CPU, ``log_prob`` and ``sample_from_noise`` run a large batch in
+    #: blocks of this many rows, so that a block's activations stay in cache (the lean inference
+    #: path, see ``benchmarks/results/roofline.md``); the flows whose solvers stop on a batch-wide
+    #: rule (``Layer.row_wise`` False) run whole.
+    block_rows: int = 8192
+
     def __init__(self, spec: dict[str, Any]):
         super().__init__()
+        #: False: the inference passes run the plain training-path kernels, unblocked (the
+        #: reference the lean path is tested against; see ``nfcore.layers.base.lean``).
+        self.fast_inference = True
         self.spec = normalize_spec(spec)
         self.dim: int = self.spec["dim"]
         self.context_dim: int = self.spec["context_dim"]
@@ -174,11 +184,30 @@ class Flow(nn.Module):
             ladj = ladj + l
         return x, ladj
 
+    def _log_prob(self, x: Tensor, context: Tensor | None) -> Tensor:
+        z, ladj = self.transform(x, context)
+        return self.base_log_prob(z) + ladj
+
+    def _inference(self, fn, x: Tensor, context: Tensor | None):
+        """``fn(x, context)``; without autograd, in row blocks (lean path) or under
+        ``eager_inference`` (``fast_inference`` False)."""
+        if not self.fast_inference:
+            with eager_inference():
+                return fn(x, context)
+        step = self.block_rows
+        if (not lean() or x.shape[0] <= step or x.device.type != "cpu"
+                or not all(layer.row_wise for layer in self.layers)):
+            return fn(x, context)  # (a GPU wants the whole batch at once)
+        parts = [fn(x[i : i + step], None if context is None else context[i : i + step])
+                 for i in range(0, x.shape[0], step)]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+        return torch.cat(parts)
+
     def log_prob(self, x: Any, context: Any = None) -> Tensor:
         """Exact log density of ``x`` (shape ``(N, dim)``) in the data's own units."""
         x = self._points(x)
-        z, ladj = self.transform(x, self._context(context, x.shape[0]))
-        return self.base_log_prob(z) + ladj
+        return self._inference(self._log_prob, x, self._context(context, x.shape[0]))
 
     def sample_and_log_prob(
         self,
@@ -196,12 +225,30 @@ class Flow(nn.Module):
 
     def sample_from_noise(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Push base noise ``z`` through the flow: ``(x, log q(x))``. Lets callers own the noise."""
+        return self._inference(self._sample_from_noise, z, context)
+
+    def _sample_from_noise(self, z: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         log_q = self.base_log_prob(z)
         context = self.embed(context)
         for layer in reversed(self.layers):
             z, l = layer.inverse(z, context)
             log_q = log_q - l
         return z, log_q
+
+    @torch.inference_mode()
+    def warm_up(self, rows: int = 256) -> Flow:
+        """Run each one-pass inference direction once on ``rows`` rows, so that the first real
+        request does not pay for the lean path's cached weights or the kernels' first-call set-up
+        (a server calls this when it loads a model). The iterative and ODE directions are left
+        alone: their cost is their solve, and a warm-up could not bound it."""
+        ctx = (None if self.context_dim == 0 else
+               torch.zeros(rows, self.context_dim, dtype=self.dtype, device=self.device))
+        z = torch.zeros(rows, self.dim, dtype=self.dtype, device=self.device)
+        if self.cost["log_prob"] == "one pass":
+            self._inference(self._log_prob, z, ctx)
+        if self.cost["sample"] == "one pass":
+            self._inference(self._sample_from_noise, z, ctx)
+        return self
 
     def sample(self, n: int, *, context: Any = None,
                generator: torch.Generator | None = None) -> Tensor:

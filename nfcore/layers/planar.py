@@ -73,6 +73,7 @@ class Planar(Layer):
     """
 
     fast_forward = False
+    row_wise = False  # its solver stops on a batch-wide rule
 
     def __init__(self, dim: int, *, hidden: list[int] | None = None, activation: str = "relu",
                  context_dim: int = 0, **_):

@@ -73,6 +73,9 @@ class ModelCache:
         except nfcore.ArtifactError as e:
             raise ModelUnavailable(f"Model {name!r} version {version} cannot be loaded: {e}"
                                    ) from None
+        # The batcher's passes run nfcore's lean inference path (inference mode, row blocks);
+        # warm it here, off the event loop, so that no client's request pays for its set-up.
+        flow = flow.warm_up()
         try:  # the model-language target in its metadata, rebuilt with no code
             return flow, constrained.target_of(flow.metadata, flow.dim)
         except nfcore.NFCoreError as e:
