@@ -141,7 +141,8 @@ def summarize_contexts(reports: list[dict[str, Any]], contexts: Tensor, held_out
         "worst": {"index": worst, "context": [round(float(v), 6) for v in contexts[worst][:64]],
                   **diags[worst]},
         "per_context": [{"pareto_k": d["pareto_k"], "ess_fraction": d["ess_fraction"],
-                         "verdict": d["verdict"]} for d in diags],
+                         "moment_shift": d.get("moment_shift"), "verdict": d["verdict"]}
+                        for d in diags],
     }
 
 

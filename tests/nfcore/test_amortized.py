@@ -167,7 +167,14 @@ def test_amortized_fit_reports_diagnostics_at_held_out_contexts(amortized_fit):
     assert len(diag["per_context"]) == 20
     assert diag["pareto_k_median"] <= diag["pareto_k"] < 0.7
     assert diag["ess_fraction"] <= diag["ess_fraction_median"]
-    assert diag["verdict"] == "ok" and diag["ok_share"] >= 0.9, diag
+    # Within the tolerances above (0.15 sd), not always within 0.05: a context whose raw samples
+    # are further off than that is flagged for that, and for nothing else.
+    assert diag["verdict"] in ("ok", "check"), diag
+    for context in diag["per_context"]:
+        assert (context["verdict"] == "ok") == (context["moment_shift"] <= 0.05), context
+        assert context["moment_shift"] < 0.2, context
+    if diag["verdict"] == "check":
+        assert all("moves a mean or an sd" in r for r in diag["reasons"][1:]), diag["reasons"]
     assert summary["start"]["pooled"] == 2
 
 
