@@ -167,6 +167,10 @@ class Diagnostics(BaseModel):
                                        "weights, as a share of the samples.", examples=[0.83])
     tail_fraction: float | None = Field(None, description="Share of samples where a spline layer "
                                         "is the identity (outside its bound).", examples=[0.0])
+    moment_shift: float | None = Field(
+        None, description="Largest move importance weighting makes to a mean (in sd) or an sd "
+        "(ratio - 1) of q's samples: the raw samples' own error; above 0.05 is not ok.",
+        examples=[0.012])
     verdict: Literal["ok", "check", "unreliable"] = Field(
         description="ok: trust it; check: look closer; unreliable: do not use it as is.",
         examples=["ok"])
@@ -174,7 +178,8 @@ class Diagnostics(BaseModel):
                                examples=[["pareto_k 0.9 > 0.7: q misses part of the target"]])
 
 
-_DIAGNOSTICS = {"pareto_k": 0.41, "ess_fraction": 0.83, "tail_fraction": 0.0, "verdict": "ok",
+_DIAGNOSTICS = {"pareto_k": 0.41, "ess_fraction": 0.93, "tail_fraction": 0.0,
+                "moment_shift": 0.012, "verdict": "ok",
                 "reasons": []}
 
 
