@@ -36,7 +36,7 @@ from .wire import JSON, LOG_PROB, OCTET_STREAM, SAMPLE, STATUS, ErrorKind, JobSt
 
 __all__ = [
     "Client", "AsyncClient", "NFServeError", "InvalidInput", "NotFound", "Conflict",
-    "PayloadTooLarge", "Unauthorized", "Forbidden", "Overloaded", "ServerError",
+    "PayloadTooLarge", "Unauthorized", "Forbidden", "Overloaded", "DeadlineExceeded", "ServerError",
 ]
 
 # ---------------------------------------------------------------------------------- errors
@@ -77,6 +77,10 @@ class Overloaded(NFServeError):
     """503: queue full or deadline passed; retry later."""
 
 
+class DeadlineExceeded(NFServeError):
+    """504: the request's own ``timeout_ms`` passed before it had a result."""
+
+
 class ServerError(NFServeError):
     """Any other 5xx."""
 
@@ -86,7 +90,7 @@ _BY_KIND: dict[ErrorKind, type[NFServeError]] = {
     ErrorKind.NOT_FOUND: NotFound, ErrorKind.CONFLICT: Conflict,
     ErrorKind.PAYLOAD_TOO_LARGE: PayloadTooLarge, ErrorKind.UNAUTHORIZED: Unauthorized,
     ErrorKind.FORBIDDEN: Forbidden, ErrorKind.UNAVAILABLE: Overloaded,
-    ErrorKind.OVERLOADED: Overloaded,
+    ErrorKind.OVERLOADED: Overloaded, ErrorKind.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 _ERRORS: dict[int, type[NFServeError]] = {
     400: InvalidInput, **{STATUS[kind]: cls for kind, cls in _BY_KIND.items()}}

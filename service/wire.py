@@ -58,6 +58,7 @@ class ErrorKind(StrEnum):
     UNAVAILABLE = "unavailable"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's own timeout_ms passed
 
 
 STATUS: dict[ErrorKind, int] = {
@@ -70,4 +71,5 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.UNAUTHORIZED: 401,
     ErrorKind.FORBIDDEN: 403,
+    ErrorKind.DEADLINE_EXCEEDED: 504,
 }

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..errors import Overloaded
+from ..errors import DeadlineExceeded, Overloaded
 from ..metrics import Metrics
 
 __all__ = ["Batcher", "Pending", "BatcherConfig", "Kind", "Run"]
@@ -38,6 +38,7 @@ class BatcherConfig:
     max_batch_rows: int = 65536
     max_queue_delay_s: float = 0.002
     max_queued_rows: int = 4_000_000
+    max_queued_requests: int = 0  # requests waiting before 503; 0: bounded by rows only
     torch_threads: int = 0  # intra-op threads of the inference thread; 0: leave torch's default
 
 
@@ -53,6 +54,7 @@ class Pending:
     x: np.ndarray | None = None  # log_prob: (rows, dim) in the model's dtype
     context: np.ndarray | None = None  # (rows, c) or (1, c)
     seed: int | None = None  # sample: seed of this request's noise
+    own_deadline: bool = False  # the deadline is the request's timeout_ms (504), not the server's
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -100,6 +102,13 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise Overloaded(f"Model {self.label} is being unloaded; retry")
+            limit = self.config.max_queued_requests
+            if limit and len(self._queue) >= limit:
+                if self.metrics:
+                    self.metrics.rejected.labels(self.label, "queue_full").inc()
+                raise Overloaded(
+                    f"Model {self.label} is overloaded: {len(self._queue)} requests already "
+                    f"queued (limit {limit}); retry later")
             if self._queue and self._queued_rows + item.rows > self.config.max_queued_rows:
                 if self.metrics:
                     self.metrics.rejected.labels(self.label, "queue_full").inc()
@@ -127,6 +136,7 @@ class Batcher:
         if self.metrics:
             self.metrics.queue_rows.labels(self.label).set(self._queued_rows)
             self.metrics.queue_requests.labels(self.label).set(len(self._queue))
+            self.metrics.nv_pending(self.label).set(len(self._queue))
 
     def _take(self) -> list[Pending] | None:
         """Block for the next batch (same kind, ≤ max_batch_rows); None once closed and empty."""
@@ -175,16 +185,24 @@ class Batcher:
             now = time.monotonic()
             live, out = [], []
             for item in batch:
-                if item.future.done():
+                if item.future.done():  # timed out or its client went away: dropped unrun
+                    if self.metrics:
+                        self.metrics.dropped.labels(self.label).inc()
                     continue
                 if now > item.deadline:
                     if self.metrics:
-                        self.metrics.rejected.labels(self.label, "deadline").inc()
-                    out.append((item, None, Overloaded(
+                        self.metrics.rejected.labels(
+                            self.label, "timeout" if item.own_deadline else "deadline").inc()
+                    out.append((item, None, DeadlineExceeded(
+                        f"Model {self.label}: the request's timeout_ms passed while it was "
+                        f"queued; dropped before its forward pass") if item.own_deadline
+                        else Overloaded(
                         f"Model {self.label} is overloaded: the request waited past its deadline "
                         f"in the queue; retry later")))
                 else:
                     live.append(item)
+            if live and self.metrics:
+                self.metrics.observe_queue(self.label, sum(now - p.enqueued for p in live))
             if live:
                 try:
                     results = self._forward(live)
@@ -214,4 +232,10 @@ class Batcher:
             self.metrics.batch_requests.labels(self.label, kind).observe(len(batch))
         with self._lock:
             self.batches += 1
-            return self.run(batch)
+            start = time.monotonic()
+            try:
+                return self.run(batch)
+            finally:
+                if self.metrics:
+                    self.metrics.observe_exec(self.label, sum(p.rows for p in batch), len(batch),
+                                              time.monotonic() - start)

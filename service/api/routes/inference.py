@@ -18,6 +18,7 @@ from ...inference import Call, DataPlane
 from ...settings import Settings
 from ...wire import LOG_PROB, OCTET_STREAM, SAMPLE
 from ..deps import DataPlaneDep, ReadAccess, SettingsDep, read_body
+from ..disconnect import ClientDisconnected, unless_disconnected
 from ..schemas import (
     ErrorPublic,
     LogProbOptions,
@@ -72,7 +73,10 @@ async def _adapt(request: Request, plane: DataPlane, settings: Settings, route: 
     headers = request.headers
     call = Call(headers.get("content-type", ""), headers.get("accept", ""),
                 dict(request.query_params), await read_body(request, settings.max_body_bytes))
-    answer = await plane.answer(route, call)
+    try:
+        answer = await unless_disconnected(request.receive, plane.answer(route, call))
+    except ClientDisconnected:  # nobody reads this answer; the queued work was dropped
+        return Response(status_code=499)
     return Response(answer.body, media_type=answer.media_type)
 
 
