@@ -118,11 +118,26 @@ class Batcher:
             was_empty = not self._queue
             self._queue.append(item)
             self._queued_rows += item.rows
+            item.future.add_done_callback(lambda fut: fut.cancelled() and self._discard(item))
             # Wake the thread only when it has something new to decide: the first request (it
             # sleeps on an empty queue) or a full batch (it waits out the queue delay otherwise).
             if was_empty or self._queued_rows >= self.config.max_batch_rows:
                 self._cond.notify()
             self._gauge()
+
+    def _discard(self, item: Pending) -> None:
+        """Take a cancelled request (timed out, or its client went away) out of the queue at
+        once, so it neither runs nor holds a place in the queue's bounds."""
+        with self._cond:
+            try:
+                self._queue.remove(item)
+            except ValueError:  # already taken into a batch: skipped there
+                return
+            self._queued_rows -= item.rows
+            if self.metrics:
+                self.metrics.dropped.labels(self.label).inc()
+            self._gauge()
+            self._cond.notify()  # the thread may be waiting out this request's queue delay
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued requests, then stop the thread."""
@@ -142,18 +157,22 @@ class Batcher:
         """Block for the next batch (same kind, ≤ max_batch_rows); None once closed and empty."""
         cfg = self.config
         with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            head = self._queue[0]
-            if cfg.batching and cfg.max_queue_delay_s > 0:
-                until = head.enqueued + cfg.max_queue_delay_s
-                while not self._closed and self._queued_rows < cfg.max_batch_rows:
-                    remaining = until - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+            while True:
+                while not self._queue:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                head = self._queue[0]
+                if cfg.batching and cfg.max_queue_delay_s > 0:
+                    until = head.enqueued + cfg.max_queue_delay_s
+                    while not self._closed and self._queued_rows < cfg.max_batch_rows:
+                        remaining = until - time.monotonic()
+                        if remaining <= 0 or not self._queue or self._queue[0] is not head:
+                            break
+                        self._cond.wait(remaining)
+                if self._queue and self._queue[0] is head:
+                    break
+                # The head was discarded (cancelled) while waiting: start over from the new one.
             batch = [self._queue.popleft()]
             rows = batch[0].rows
             if cfg.batching:
