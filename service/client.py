@@ -39,6 +39,17 @@ __all__ = [
     "PayloadTooLarge", "Unauthorized", "Forbidden", "Overloaded", "DeadlineExceeded", "ServerError",
 ]
 
+
+def __getattr__(name: str) -> Any:
+    """``RemoteFlow`` (``service.remote``) on first use: it needs torch (the ``torch`` extra), the
+    rest of the client does not."""
+    if name == "RemoteFlow":
+        from .remote import RemoteFlow
+
+        return RemoteFlow
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---------------------------------------------------------------------------------- errors
 class NFServeError(Exception):
     """An error answer from the server (or an unreadable answer)."""
