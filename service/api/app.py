@@ -37,6 +37,7 @@ from ..wire import LOG_PROB, SAMPLE
 from .errors import install_error_handlers
 from .fastpath import FastPath
 from .middleware import MetricsMiddleware
+from .openapi import install_openapi
 from .routes import datasets, health, inference, jobs, models, oip
 
 __all__ = ["create_app"]
@@ -117,4 +118,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fast = {r.path: r for r in inference.router.routes if r.path in (LOG_PROB, SAMPLE)}
         app.add_middleware(FastPath, state=app.state, routes=fast)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_openapi(app)
     return app

@@ -1,0 +1,91 @@
+"""Schema fuzzing: Schemathesis (its CLI, as a user runs it) against a real server's
+``/openapi.json``, with its examples, fuzzing and stateful phases and the checks
+``not_a_server_error``, ``status_code_conformance``, ``content_type_conformance`` and
+``response_schema_conformance``: at least 5,000 generated cases and zero failures, so every status
+the service answers is documented and every body, error bodies included, matches its schema.
+
+The server is real (uvicorn) with a real training worker, so that readiness is genuinely ready
+while fuzzed jobs wait; the training limits are tiny (one step, or a millisecond), so the jobs
+that fuzzing gets accepted cost nothing. The demo model ``two_moons`` is in its store, so the
+schema's own examples reach the inference logic. Slow operations (the plot, uploads) get fewer
+cases than the rest. It runs with a fixed seed and within a bounded time (``MAX_SECONDS``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import ROOT, Server, start_server, stop_server
+
+from .oip.metricsupport import wait_for
+
+pytestmark = pytest.mark.slow
+
+CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+          "response_schema_conformance")
+MIN_CASES = 5000
+MAX_SECONDS = 900  # the whole run's bound (see the module docstring for measured times)
+
+CONFIG = """
+[generation]
+max-examples = {examples}
+
+[[operations]]
+include-path-regex = "plot.png|^/models$|^/datasets$"
+generation.max-examples = {slow}
+"""
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("fuzz")
+    env = {"NFSERVE_MAX_ROWS": "5000", "NFSERVE_MAX_SAMPLE_N": "5000",
+           "NFSERVE_MAX_BODY_BYTES": "400000", "NFSERVE_MAX_UPLOAD_BYTES": "200000",
+           "NFSERVE_MAX_TRAIN_STEPS": "1", "NFSERVE_MAX_TRAIN_SECONDS": "0.001",
+           "NFSERVE_HEARTBEAT_TIMEOUT_S": "60", "NFSERVE_WARMUP_ROWS": "0"}
+    srv = start_server(root, env)
+    shutil.copytree(ROOT / "models" / "two_moons", srv.models_dir / "two_moons")
+    worker_env = {**os.environ, "NFSERVE_MODELS_DIR": str(srv.models_dir),
+                  "NFSERVE_DATA_DIR": str(root / "data"), "PYTHONPATH": str(ROOT), **env}
+    log = open(root / "worker.log", "wb")  # noqa: SIM115 - closed with the process
+    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], cwd=root,
+                              env=worker_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "live workers" in httpx.get(srv.url + "/health/ready").text,
+                 "the worker's first heartbeat", tries=1200)
+        yield srv
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        stop_server(srv)
+
+
+def test_schemathesis_finds_no_failure(fuzzed: Server, tmp_path: Path) -> None:
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG.format(examples=260, slow=25))
+    report = tmp_path / "report.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
+         fuzzed.url + "/openapi.json", "--phases", "examples,fuzzing,stateful",
+         "--checks", CHECKS, "--workers", "2", "--seed", "20261130", "--no-shrink",
+         "--request-timeout", "60", "--suppress-health-check", "all",
+         "--report", "json", "--report-json-path", str(report), "--no-color"],
+        capture_output=True, text=True, timeout=MAX_SECONDS, cwd=tmp_path)
+    output = run.stdout[-20000:] + run.stderr[-5000:]
+    summary = json.loads(report.read_text())
+    cases = summary["test_cases"]
+    assert summary["failures"] == [], output
+    assert cases["with_failures"] == 0 and cases["errored"] == 0, output
+    assert summary["operations"]["errored"] == 0, output
+    assert run.returncode == 0, output
+    assert cases["generated"] >= MIN_CASES, cases
+    assert summary["operations"]["tested"] == summary["operations"]["total"]
