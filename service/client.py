@@ -89,7 +89,7 @@ class Overloaded(NFServeError):
 
 
 class DeadlineExceeded(NFServeError):
-    """504: the request's own ``timeout_ms`` passed before it had a result."""
+    """408: the request's own ``timeout_ms`` passed before it had a result."""
 
 
 class ServerError(NFServeError):

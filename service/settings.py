@@ -52,7 +52,7 @@ class Settings(BaseSettings):
                              "0: bounded by max_queued_rows only.")
     allow_timeout_override: bool = Field(
         True, description="Honour a request's own timeout_ms (below request_timeout_s): past it, "
-                          "the request is dropped before compute and answered 504.")
+                          "the request is dropped before compute and answered 408.")
     warmup_rows: int = Field(
         16, ge=0, description="Rows sampled and scored when a model loads, before it serves "
                               "(its first request then pays no warm-up); 0: no warm-up.")

@@ -71,5 +71,5 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.UNAUTHORIZED: 401,
     ErrorKind.FORBIDDEN: 403,
-    ErrorKind.DEADLINE_EXCEEDED: 504,
+    ErrorKind.DEADLINE_EXCEEDED: 408,  # a 4xx: the request's own deadline, not the server's fault
 }

@@ -54,7 +54,7 @@ class Pending:
     x: np.ndarray | None = None  # log_prob: (rows, dim) in the model's dtype
     context: np.ndarray | None = None  # (rows, c) or (1, c)
     seed: int | None = None  # sample: seed of this request's noise
-    own_deadline: bool = False  # the deadline is the request's timeout_ms (504), not the server's
+    own_deadline: bool = False  # the deadline is the request's timeout_ms (408), not the server's
     enqueued: float = field(default_factory=time.monotonic)
 
 

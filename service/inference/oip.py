@@ -64,7 +64,7 @@ class InferParameters(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the samples' noise.",
                              examples=[0])
     timeout_ms: float | None = Field(
-        None, gt=0, description="Drop the request (504) once it has waited this long.")
+        None, gt=0, description="Drop the request (408) once it has waited this long.")
     timeout: int | None = Field(
         None, ge=0, description="Triton's per-request timeout, in microseconds; 0: none.")
     binary_data_output: bool = Field(

@@ -54,7 +54,7 @@ _VERSION = Field(None, ge=1, description="Model version; omitted means the lates
 _TIMEOUT = Field(None, gt=0, le=86_400_000,
                  description="This request's own deadline in milliseconds (below the server's "
                              "request_timeout_s): once past, it is dropped before its forward pass "
-                             "and answered 504.", examples=[1000])
+                             "and answered 408.", examples=[1000])
 
 
 class LogProbOptions(BaseModel):

@@ -71,7 +71,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def test_schemathesis_finds_no_failure(fuzzed: Server, tmp_path: Path) -> None:
     config = tmp_path / "schemathesis.toml"
-    config.write_text(CONFIG.format(examples=260, slow=25))
+    config.write_text(CONFIG.format(examples=285, slow=25))
     report = tmp_path / "report.json"
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",

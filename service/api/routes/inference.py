@@ -36,7 +36,9 @@ router = APIRouter(tags=["inference"], dependencies=[ReadAccess])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorPublic, "description": text} for code, text in [
         (401, "Missing or invalid API key"), (403, "Key lacks the scope"),
-        (404, "Unknown model or version"), (413, "Over the row, n or body-size limit"),
+        (404, "Unknown model or version"),
+        (408, "The request's own timeout_ms passed; it was dropped before its forward pass"),
+        (413, "Over the row, n or body-size limit"),
         (415, "Body neither JSON nor safetensors"),
         (422, "Bad JSON, shape, dimension, empty or non-finite input"),
         (503, "Overloaded: queue full or deadline passed; retry later")]}

@@ -86,7 +86,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _INFER_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
     413: {**_E, "description": "Over the row, n or body-size limit"},
-    504: {**_E, "description": "The request's timeout passed before it ran; it was dropped"},
+    408: {**_E, "description": "The request's own timeout passed before its result; if it "
+                               "was still queued, it was dropped unrun"},
 }
 
 NamePath = Annotated[str, Path(description="Model name.", pattern=NAME_PATTERN,
