@@ -40,16 +40,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """``RemoteFlow`` (``service.remote``) on first use: it needs torch (the ``torch`` extra), the
-    rest of the client does not."""
-    if name == "RemoteFlow":
-        from .remote import RemoteFlow
-
-        return RemoteFlow
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ---------------------------------------------------------------------------------- errors
 class NFServeError(Exception):
     """An error answer from the server (or an unreadable answer)."""

@@ -8,8 +8,8 @@ at the ``context`` given. A model fit to a model-language target with constraine
 (``GET /models/{name}`` shows its ``target``) is a distribution over its parameter columns, in
 their constrained space, with the matching ``support``; derived columns are left out.
 
-It needs torch: ``pip install 'nfserve[torch]'``. The rest of the client does not, and does not
-import this module (``service.client.RemoteFlow`` imports it on first use).
+It needs torch: ``pip install 'nfserve[torch]'``. The rest of the client does not, and never
+imports this module.
 
 Example:
     >>> from service.client import Client

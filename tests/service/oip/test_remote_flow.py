@@ -14,7 +14,6 @@ from torch.distributions import constraints
 
 import nfcore
 from service.client import Client
-from service.client import RemoteFlow as LazyRemoteFlow
 from service.remote import RemoteFlow, support_of
 from tests.service.conftest import ROOT, Server
 
@@ -27,10 +26,6 @@ def nf(server: Server) -> Iterator[Client]:
         shutil.copytree(ROOT / "models" / "u1", target)
     with server.client() as client:
         yield client
-
-
-def test_lazy_export_is_the_class() -> None:
-    assert LazyRemoteFlow is RemoteFlow
 
 
 def test_log_prob_and_shapes(nf: Client, server: Server) -> None:
