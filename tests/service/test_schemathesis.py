@@ -9,15 +9,22 @@ while fuzzed jobs wait; the training limits are tiny (one step, or a millisecond
 that fuzzing gets accepted cost nothing. The demo model ``two_moons`` is in its store, so the
 schema's own examples reach the inference logic. Slow operations (the plot, uploads) get fewer
 cases than the rest. It runs with a fixed seed and within a bounded time (``MAX_SECONDS``).
+
+Cost: the fuzzer's case generation is single-threaded Python, about 30 ms of CPU a case here, so
+its ~5,200 cases take ~2.5-3 min on two idle cores (the server uses the other core). On the
+shared development machine (load average 7-10 on 2 cores) the same run took 7-10 min, so the
+bound is generous; the test prints its own figures (``-s``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,12 +35,12 @@ from tests.service.conftest import ROOT, Server, start_server, stop_server
 
 from .oip.metricsupport import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance")
 MIN_CASES = 5000
-MAX_SECONDS = 900  # the whole run's bound (see the module docstring for measured times)
+MAX_SECONDS = 1400  # the whole run's bound, for a loaded machine (see the module docstring)
 
 CONFIG = """
 [generation]
@@ -73,6 +80,8 @@ def test_schemathesis_finds_no_failure(fuzzed: Server, tmp_path: Path) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG.format(examples=285, slow=25))
     report = tmp_path / "report.json"
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
          fuzzed.url + "/openapi.json", "--phases", "examples,fuzzing,stateful",
@@ -80,9 +89,14 @@ def test_schemathesis_finds_no_failure(fuzzed: Server, tmp_path: Path) -> None:
          "--request-timeout", "60", "--suppress-health-check", "all",
          "--report", "json", "--report-json-path", str(report), "--no-color"],
         capture_output=True, text=True, timeout=MAX_SECONDS, cwd=tmp_path)
+    wall = time.perf_counter() - start
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = run.stdout[-20000:] + run.stderr[-5000:]
     summary = json.loads(report.read_text())
     cases = summary["test_cases"]
+    print(f"schemathesis: {cases['generated']} cases in {wall:.0f} s wall, "
+          f"{cpu.ru_utime + cpu.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime:.0f} s of "
+          f"its own CPU; load average {os.getloadavg()}")
     assert summary["failures"] == [], output
     assert cases["with_failures"] == 0 and cases["errored"] == 0, output
     assert summary["operations"]["errored"] == 0, output
