@@ -9,13 +9,29 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ShapeError
-from .layers import LAYER_CLASSES, Layer
+from .layers import LAYER_CLASSES, MLP, Layer
+from .layers.base import eager_inference, lean
 from .spec import CONDITIONAL, normalize_spec
 
-__all__ = ["Flow", "build"]
+__all__ = ["Flow", "ContextEmbedding", "build"]
 
 _COSTS = ("one pass", "iterative", "ode")  # in increasing order
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ContextEmbedding(nn.Module):
+    """The spec's ``"embedding"``: raw context ``(N, context_dim)`` -> ``(N, features)``, through a
+    fixed standardization (``loc``, ``scale``: buffers that ``Flow.initialize_context`` sets from
+    training contexts; 0 and 1 until then) and an MLP."""
+
+    def __init__(self, context_dim: int, *, features: int, hidden: list[int], activation: str):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(context_dim))
+        self.register_buffer("scale", torch.ones(context_dim))
+        self.net = MLP(context_dim, features, hidden, activation)
+
+    def forward(self, context: Tensor) -> Tensor:
+        return self.net((context - self.loc) / self.scale)
 
 
 class Flow(nn.Module):
@@ -33,17 +49,30 @@ class Flow(nn.Module):
         True
     """
 
+    #: Without autograd, on a CPU, ``log_prob`` and ``sample_from_noise`` run a large batch in
+    #: blocks of this many rows, so that a block's activations stay in cache (the lean inference
+    #: path, see ``benchmarks/results/roofline.md``); the flows whose solvers stop on a batch-wide
+    #: rule (``Layer.row_wise`` False) run whole.
+    block_rows: int = 8192
+
     def __init__(self, spec: dict[str, Any]):
         super().__init__()
+        #: False: the inference passes run the plain training-path kernels, unblocked (the
+        #: reference the lean path is tested against; see ``nfcore.layers.base.lean``).
+        self.fast_inference = True
         self.spec = normalize_spec(spec)
         self.dim: int = self.spec["dim"]
         self.context_dim: int = self.spec["context_dim"]
         self.metadata: dict[str, str] = {}
+        embedding = self.spec.get("embedding")
+        #: The context embedding network (``None`` without one): conditional layers see its output.
+        self.embedding = (ContextEmbedding(self.context_dim, **embedding) if embedding else None)
+        layer_context = embedding["features"] if embedding else self.context_dim
         layers = []
         for layer in self.spec["layers"]:
             params = {k: v for k, v in layer.items() if k != "type"}
             if layer["type"] in CONDITIONAL:
-                params["context_dim"] = self.context_dim
+                params["context_dim"] = layer_context
             layers.append(LAYER_CLASSES[layer["type"]](self.dim, **params))
         self.layers: nn.ModuleList[Layer] = nn.ModuleList(layers)
         self.to(_DTYPES[self.spec["dtype"]])
@@ -119,6 +148,29 @@ class Flow(nn.Module):
                              f"({self.context_dim},); got {tuple(c.shape)}")
         return c.expand(n, -1)
 
+    def embed(self, context: Tensor | None) -> Tensor | None:
+        """What the conditional layers see of a raw context: the embedding network's output, or
+        the context itself without one. ``transform``, ``sample_from_noise`` and ``initialize``
+        call it; code that runs the layers itself must too."""
+        if context is None or self.embedding is None:
+            return context
+        return self.embedding(context)
+
+    @torch.no_grad()
+    def initialize_context(self, context: Any) -> Flow:
+        """Set the embedding's context standardization from contexts ``(N, context_dim)`` (their
+        mean and sd; a constant column keeps scale 1). No effect without an embedding."""
+        if self.embedding is None:
+            return self
+        c = torch.as_tensor(context).to(device=self.device, dtype=self.dtype)
+        if c.ndim != 2 or c.shape[-1] != self.context_dim or c.shape[0] < 1:
+            raise ShapeError(f"Expected contexts of shape (N, {self.context_dim}); got "
+                             f"{tuple(c.shape)}")
+        sd = c.std(0) if c.shape[0] > 1 else torch.ones_like(c[0])
+        self.embedding.loc.copy_(c.mean(0))
+        self.embedding.scale.copy_(torch.where(sd > 1e-12, sd, torch.ones_like(sd)))
+        return self
+
     # ---------------------------------------------------------------- density and sampling
     def base_log_prob(self, z: Tensor) -> Tensor:
         return -0.5 * (z * z).sum(-1) - 0.5 * self.dim * math.log(2.0 * math.pi)
@@ -126,16 +178,36 @@ class Flow(nn.Module):
     def transform(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map data to latent: ``(z, log|det dz/dx|)``. No argument checks: an inner-loop method."""
         ladj = x.new_zeros(x.shape[0])
+        context = self.embed(context)
         for layer in self.layers:
             x, l = layer(x, context)
             ladj = ladj + l
         return x, ladj
 
+    def _log_prob(self, x: Tensor, context: Tensor | None) -> Tensor:
+        z, ladj = self.transform(x, context)
+        return self.base_log_prob(z) + ladj
+
+    def _inference(self, fn, x: Tensor, context: Tensor | None):
+        """``fn(x, context)``; without autograd, in row blocks (lean path) or under
+        ``eager_inference`` (``fast_inference`` False)."""
+        if not self.fast_inference:
+            with eager_inference():
+                return fn(x, context)
+        step = self.block_rows
+        if (not lean() or x.shape[0] <= step or x.device.type != "cpu"
+                or not all(layer.row_wise for layer in self.layers)):
+            return fn(x, context)  # (a GPU wants the whole batch at once)
+        parts = [fn(x[i : i + step], None if context is None else context[i : i + step])
+                 for i in range(0, x.shape[0], step)]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+        return torch.cat(parts)
+
     def log_prob(self, x: Any, context: Any = None) -> Tensor:
         """Exact log density of ``x`` (shape ``(N, dim)``) in the data's own units."""
         x = self._points(x)
-        z, ladj = self.transform(x, self._context(context, x.shape[0]))
-        return self.base_log_prob(z) + ladj
+        return self._inference(self._log_prob, x, self._context(context, x.shape[0]))
 
     def sample_and_log_prob(
         self,
@@ -153,11 +225,30 @@ class Flow(nn.Module):
 
     def sample_from_noise(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Push base noise ``z`` through the flow: ``(x, log q(x))``. Lets callers own the noise."""
+        return self._inference(self._sample_from_noise, z, context)
+
+    def _sample_from_noise(self, z: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         log_q = self.base_log_prob(z)
+        context = self.embed(context)
         for layer in reversed(self.layers):
             z, l = layer.inverse(z, context)
             log_q = log_q - l
         return z, log_q
+
+    @torch.inference_mode()
+    def warm_up(self, rows: int = 256) -> Flow:
+        """Run each one-pass inference direction once on ``rows`` rows, so that the first real
+        request does not pay for the lean path's cached weights or the kernels' first-call set-up
+        (a server calls this when it loads a model). The iterative and ODE directions are left
+        alone: their cost is their solve, and a warm-up could not bound it."""
+        ctx = (None if self.context_dim == 0 else
+               torch.zeros(rows, self.context_dim, dtype=self.dtype, device=self.device))
+        z = torch.zeros(rows, self.dim, dtype=self.dtype, device=self.device)
+        if self.cost["log_prob"] == "one pass":
+            self._inference(self._log_prob, z, ctx)
+        if self.cost["sample"] == "one pass":
+            self._inference(self._sample_from_noise, z, ctx)
+        return self
 
     def sample(self, n: int, *, context: Any = None,
                generator: torch.Generator | None = None) -> Tensor:
@@ -169,9 +260,13 @@ class Flow(nn.Module):
         """Fit the data-dependent layers (``standardize``, ``actnorm``) to the data ``x``, in order,
         each on the output of the layers before it. With ``knots``, also set each spline layer's
         knots so that it maps the marginals of its own input towards a standard normal (a
-        starting point for training; it overwrites what training had learned there)."""
+        starting point for training; it overwrites what training had learned there). With a
+        context embedding, its standardization is set from ``context`` first."""
         h = self._points(x)
         ctx = self._context(context, h.shape[0])
+        if ctx is not None:
+            self.initialize_context(ctx)
+            ctx = self.embed(ctx)
         for layer in self.layers:
             if hasattr(layer, "initialize"):
                 layer.initialize(h)

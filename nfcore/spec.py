@@ -2,6 +2,12 @@
 
 A spec is plain JSON. ``normalize_spec`` returns the canonical form that ``build`` consumes and that
 artifacts store: presets expanded, every default filled in, nothing unknown left.
+
+A conditional flow (``context_dim > 0``) may embed its context first: ``"embedding": {"hidden":
+[64, 64], "features": 16, "activation": "relu"}`` (``features`` required) puts a small network
+between the raw context and every conditional layer, which then sees ``features`` numbers instead
+of ``context_dim``: useful for large contexts (an image, a long series). The key appears in the
+normalized spec only when given.
 """
 
 from __future__ import annotations
@@ -57,6 +63,11 @@ def _hidden(field: str, v: Any) -> list[int]:
     return [_int(1, LIMITS["hidden_width"])(f"{field}[{i}]", h) for i, h in enumerate(v)]
 
 
+def _hidden_or_linear(field: str, v: Any) -> list[int]:
+    """Like ``_hidden``, and ``[]`` too: a linear map (the paper's amortised planar flows)."""
+    return [] if isinstance(v, list | tuple) and not v else _hidden(field, v)
+
+
 def _open_unit(field: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
         raise SpecError(field, f"expected a number in (0, 1); got {v!r}")
@@ -76,8 +87,9 @@ _SPLINE = {**_NET, "bins": (8, _int(2, LIMITS["bins"])), "bound": (5.0, _positiv
 
 #: Each layer type's hyper-parameters: name -> (default, validator).
 LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
-    "planar": {},
-    "radial": {},
+    # Their context network's widths; filled in (and allowed) only when context_dim > 0.
+    "planar": {"hidden": ([64, 64], _hidden_or_linear), "activation": ("relu", _ACTIVATION)},
+    "radial": {"hidden": ([64, 64], _hidden_or_linear), "activation": ("relu", _ACTIVATION)},
     "affine_coupling": _AFFINE,
     "maf": _AFFINE,
     "iaf": _AFFINE,
@@ -101,9 +113,12 @@ LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
             "exact_dim": (16, _int(0, LIMITS["dim"])), "freqs": (3, _int(0, 16))},
 }
 _COUPLING = {"affine_coupling", "nsf_coupling"}
+#: Layer types whose hyper-parameters only describe a context network: without a context they
+#: are left out of the canonical spec, and giving one is an error.
+_CONTEXT_ONLY = {"planar", "radial"}
 #: Layer types that take a context.
 CONDITIONAL = frozenset({"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar", "residual",
-                         "sylvester", "cnf"})
+                         "sylvester", "cnf", "planar", "radial"})
 
 #: Preset name -> (repeated layer type, whether to put a permutation between repeats, whether an
 #: ``actnorm`` goes before each repeat, the default number of repeats).
@@ -122,7 +137,8 @@ PRESETS: dict[str, tuple[str, bool, bool, int]] = {
     "cnf": ("cnf", False, False, 1),
 }
 _PRESET_KEYS = {"preset": None, "dim": None, "context_dim": None, "dtype": None, "base": None,
-                "transforms": None, "standardize": None, "loc_scale": None, "mixing": None}
+                "transforms": None, "standardize": None, "loc_scale": None, "mixing": None,
+                "embedding": None}
 
 #: Above this dimension a preset's ``loc_scale`` layer is diagonal (its triangular factor would
 #: cost O(dim^2) per row and parameters).
@@ -157,6 +173,12 @@ def _layer(field: str, raw: Any, dim: int, context_dim: int) -> dict:
     if kind in _COUPLING and dim < 2:
         raise SpecError(f"{field}.type", f"{kind} needs dim >= 2; got dim {dim}")
     out = {"type": kind}
+    if kind in _CONTEXT_ONLY and not context_dim:
+        for name in schema:
+            if name in raw:
+                raise SpecError(f"{field}.{name}", f"only a conditional {kind} layer has a "
+                                                   "context network; set context_dim > 0")
+        return out
     for name, (default, check) in schema.items():
         value = raw.get(name, _MISSING)
         out[name] = copy.deepcopy(default) if value is _MISSING else check(f"{field}.{name}", value)
@@ -201,6 +223,19 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     return layers
 
 
+def _embedding(raw: Any, context_dim: int) -> dict:
+    if not isinstance(raw, Mapping):
+        raise SpecError("embedding", f"expected an object with 'features'; got {raw!r}")
+    _check_keys("embedding", raw, {"hidden", "features", "activation"})
+    if "features" not in raw:
+        raise SpecError("embedding.features", "missing")
+    if not context_dim:
+        raise SpecError("embedding", "a context embedding needs context_dim > 0")
+    return {"hidden": _hidden("embedding.hidden", raw.get("hidden", [64, 64])),
+            "features": _int(1, LIMITS["context_dim"])("embedding.features", raw["features"]),
+            "activation": _ACTIVATION("embedding.activation", raw.get("activation", "relu"))}
+
+
 def normalize_spec(spec: Any) -> dict:
     """Validate ``spec`` and return its canonical form. Raises ``SpecError`` naming the field."""
     if not isinstance(spec, Mapping):
@@ -221,7 +256,7 @@ def normalize_spec(spec: Any) -> dict:
             raise SpecError("layers", "give either 'preset' or 'layers', not both")
         raw_layers = _expand_preset(spec)
     else:
-        _check_keys("", spec, {"dim", "context_dim", "dtype", "base", "layers"})
+        _check_keys("", spec, {"dim", "context_dim", "dtype", "base", "layers", "embedding"})
         raw_layers = spec.get("layers", _MISSING)
         if raw_layers is _MISSING:
             raise SpecError("layers", "missing; give 'layers' or a 'preset'")
@@ -233,5 +268,8 @@ def normalize_spec(spec: Any) -> dict:
     if context_dim and not any(layer["type"] in CONDITIONAL for layer in layers):
         raise SpecError("context_dim", "no layer of this flow can be conditioned on a context; "
                                        f"use one of {sorted(CONDITIONAL)}")
-    return {"dim": dim, "context_dim": context_dim, "dtype": dtype, "base": {"type": "normal"},
-            "layers": layers}
+    out = {"dim": dim, "context_dim": context_dim, "dtype": dtype, "base": {"type": "normal"},
+           "layers": layers}
+    if "embedding" in spec:
+        out["embedding"] = _embedding(spec["embedding"], context_dim)
+    return out

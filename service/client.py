@@ -11,6 +11,8 @@ Example:
     >>> with Client("http://127.0.0.1:8000") as nf:          # doctest: +SKIP
     ...     lp = nf.log_prob("two_moons", [[0.0, 0.5], [1.0, -0.3]])
     ...     x, log_q = nf.sample("two_moons", 1000, seed=0)
+    ...     d = nf.draws("eight_schools", 1000, seed=0)   # a model-language fit: named columns
+    ...     d.columns[:2], d.named()["tau"].shape, d.log_weights.shape
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from safetensors.numpy import save as st_save
 from .wire import JSON, LOG_PROB, OCTET_STREAM, SAMPLE, STATUS, ErrorKind, JobStatus
 
 __all__ = [
-    "Client", "AsyncClient", "NFServeError", "InvalidInput", "NotFound", "Conflict",
+    "Client", "AsyncClient", "Draws", "NFServeError", "InvalidInput", "NotFound", "Conflict",
     "PayloadTooLarge", "Unauthorized", "Forbidden", "Overloaded", "DeadlineExceeded", "ServerError",
 ]
 
@@ -109,6 +111,35 @@ def _check(response: httpx.Response) -> httpx.Response:
     raise cls(status, str(detail))
 
 
+# ---------------------------------------------------------------------------------- answers
+@dataclass
+class Draws:
+    """A /sample answer with everything in it.
+
+    For a model fit to a model-language target, ``samples`` are in its constrained space with one
+    column per name in ``columns`` (parameters, then derived quantities), ``log_prob`` is log q
+    there and ``target_log_prob`` the model's log density at the same points. For a plain flow,
+    ``columns`` and ``target_log_prob`` are None.
+    """
+
+    samples: np.ndarray
+    log_prob: np.ndarray
+    columns: list[str] | None = None
+    target_log_prob: np.ndarray | None = None
+
+    @property
+    def log_weights(self) -> np.ndarray:
+        """Importance log-weights ``target_log_prob - log_prob`` (model-language targets)."""
+        if self.target_log_prob is None:
+            raise ValueError("This model was not fit to a model-language target: no weights")
+        return self.target_log_prob - self.log_prob
+
+    def named(self) -> dict[str, np.ndarray]:
+        """Each column by name (``{"mu": (n,), "theta[0]": (n,), …}``); plain flows: ``x0``, …"""
+        names = self.columns or [f"x{i}" for i in range(self.samples.shape[1])]
+        return {name: self.samples[:, i] for i, name in enumerate(names)}
+
+
 # ---------------------------------------------------------------------------------- requests
 @dataclass
 class _Call:
@@ -151,7 +182,15 @@ def _tensors(response: httpx.Response) -> dict[str, np.ndarray]:
 
 
 def _log_prob_call(model: str, x: Any, context: Any, version: int | None,
-                   binary: bool | None, threshold: int) -> _Call:
+                   binary: bool | None, threshold: int, values: Any = None) -> _Call:
+    if values is not None:  # named constrained values (a model-language target): JSON only
+        if x is not None or binary:
+            raise TypeError("Give x or values, not both; values travel as JSON")
+        named = {k: np.asarray(v).tolist() for k, v in dict(values).items()}
+        content, headers = _json_body({"model": model, "version": version, "values": named})
+        return _Call("POST", LOG_PROB, _log_prob_json, content=content, headers=headers)
+    if x is None:
+        raise TypeError("Give the points x (or, for a model-language target, values)")
     x = _rows(x, "x")
     ctx = None if context is None else _rows(context, "context")
     if binary is None:
@@ -168,11 +207,34 @@ def _log_prob_call(model: str, x: Any, context: Any, version: int | None,
         return _Call("POST", LOG_PROB, parse, params=params, content=st_save(tensors),
                      headers={"content-type": OCTET_STREAM, "accept": OCTET_STREAM})
     content, headers = _json_body({"model": model, "version": version, "x": x, "context": ctx})
+    return _Call("POST", LOG_PROB, _log_prob_json, content=content, headers=headers)
 
-    def parse_json(r: httpx.Response) -> np.ndarray:
-        return np.asarray(orjson.loads(r.content)["log_prob"], dtype=np.float64)
 
-    return _Call("POST", LOG_PROB, parse_json, content=content, headers=headers)
+def _log_prob_json(r: httpx.Response) -> np.ndarray:
+    return np.asarray(orjson.loads(r.content)["log_prob"], dtype=np.float64)
+
+
+def _draws(r: httpx.Response) -> Draws:
+    """A /sample answer, JSON or safetensors (whose metadata holds the columns)."""
+    if r.headers.get("content-type", "").startswith(OCTET_STREAM):
+        t = _tensors(r)
+        meta = _metadata(r)
+        columns = json.loads(meta["columns"]) if "columns" in meta else None
+        return Draws(t["samples"], t["log_prob"], columns, t.get("target_log_prob"))
+    data = orjson.loads(r.content)
+    tlp = data.get("target_log_prob")
+    return Draws(np.asarray(data["samples"], dtype=np.float64),
+                 np.asarray(data["log_prob"], dtype=np.float64), data.get("columns"),
+                 None if tlp is None else np.asarray(tlp, dtype=np.float64))
+
+
+def _metadata(r: httpx.Response) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors answer: its header is 8 bytes of length, then JSON."""
+    try:
+        size = int.from_bytes(r.content[:8], "little")
+        return json.loads(r.content[8:8 + size]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        raise NFServeError(r.status_code, "Unreadable safetensors answer header") from None
 
 
 def _sample_call(model: str, n: int, seed: int | None, context: Any, version: int | None,
@@ -185,21 +247,15 @@ def _sample_call(model: str, n: int, seed: int | None, context: Any, version: in
                                     "seed": seed}.items() if v is not None}
         content = st_save({"context": np.ascontiguousarray(ctx)}) if ctx is not None else b""
 
-        def parse(r: httpx.Response) -> tuple[np.ndarray, np.ndarray]:
-            t = _tensors(r)
-            return t["samples"], t["log_prob"]
-
-        return _Call("POST", SAMPLE, parse, params=params, content=content,
+        return _Call("POST", SAMPLE, _draws, params=params, content=content,
                      headers={"content-type": OCTET_STREAM, "accept": OCTET_STREAM})
     content, headers = _json_body({"model": model, "version": version, "n": n, "seed": seed,
                                    "context": ctx})
+    return _Call("POST", SAMPLE, _draws, content=content, headers=headers)
 
-    def parse_json(r: httpx.Response) -> tuple[np.ndarray, np.ndarray]:
-        data = orjson.loads(r.content)
-        return (np.asarray(data["samples"], dtype=np.float64),
-                np.asarray(data["log_prob"], dtype=np.float64))
 
-    return _Call("POST", SAMPLE, parse_json, content=content, headers=headers)
+def _pair(d: Draws) -> tuple[np.ndarray, np.ndarray]:
+    return d.samples, d.log_prob
 
 
 def _json(r: httpx.Response) -> Any:
@@ -303,15 +359,26 @@ class Client(_Base):
         return self._do(_Call("GET", url, parse, params=params))
 
     # inference
-    def log_prob(self, model: str, x: Any, *, context: Any = None, version: int | None = None,
-                 binary: bool | None = None) -> np.ndarray:
-        """log p(x) for each row of ``x`` (shape (N, dim)) under ``model``."""
-        return self._do(_log_prob_call(model, x, context, version, binary, self.binary_rows))
+    def log_prob(self, model: str, x: Any = None, *, values: Any = None, context: Any = None,
+                 version: int | None = None, binary: bool | None = None) -> np.ndarray:
+        """log p(x) for each row of ``x`` (shape (N, dim)) under ``model``. For a model fit to a
+        model-language target: ``values`` (parameter name -> array (N, *shape)) or rows ``x`` in
+        its constrained space, and the answer is log q there."""
+        return self._do(_log_prob_call(model, x, context, version, binary, self.binary_rows,
+                                       values))
 
     def sample(self, model: str, n: int, *, seed: int | None = None, context: Any = None,
                version: int | None = None, binary: bool | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """``(samples, log_prob)``: ``n`` samples of ``model``; a seed makes them reproducible."""
+        return _pair(self.draws(model, n, seed=seed, context=context, version=version,
+                                binary=binary))
+
+    def draws(self, model: str, n: int, *, seed: int | None = None, context: Any = None,
+              version: int | None = None, binary: bool | None = None) -> Draws:
+        """``n`` samples with everything the answer holds (``Draws``): for a model fit to a
+        model-language target, the named constrained columns, log q there and the model's log
+        density (``Draws.log_weights``, ``Draws.named()``)."""
         return self._do(_sample_call(model, n, seed, context, version, binary, self.binary_rows))
 
     # models
@@ -420,14 +487,20 @@ class AsyncClient(_Base):
                    params: dict[str, Any] | None = None) -> Any:
         return await self._do(_Call("GET", url, parse, params=params))
 
-    async def log_prob(self, model: str, x: Any, *, context: Any = None,
-                       version: int | None = None, binary: bool | None = None) -> np.ndarray:
+    async def log_prob(self, model: str, x: Any = None, *, values: Any = None,
+                       context: Any = None, version: int | None = None,
+                       binary: bool | None = None) -> np.ndarray:
         return await self._do(_log_prob_call(model, x, context, version, binary,
-                                             self.binary_rows))
+                                             self.binary_rows, values))
 
     async def sample(self, model: str, n: int, *, seed: int | None = None, context: Any = None,
                      version: int | None = None, binary: bool | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
+        return _pair(await self.draws(model, n, seed=seed, context=context, version=version,
+                                      binary=binary))
+
+    async def draws(self, model: str, n: int, *, seed: int | None = None, context: Any = None,
+                    version: int | None = None, binary: bool | None = None) -> Draws:
         return await self._do(_sample_call(model, n, seed, context, version, binary,
                                            self.binary_rows))
 

@@ -13,6 +13,7 @@ from enum import StrEnum
 __all__ = [
     "JSON", "OCTET_STREAM", "LOG_PROB", "SAMPLE", "REQUEST_TENSORS", "ANSWER_TENSORS",
     "JobStatus", "ErrorKind", "STATUS",
+    "TARGET_METADATA", "TARGET_ANSWER_TENSORS",
 ]
 
 JSON = "application/json"
@@ -26,6 +27,12 @@ SAMPLE = "/sample"
 REQUEST_TENSORS: dict[str, tuple[str, ...]] = {LOG_PROB: ("x", "context"), SAMPLE: ("context",)}
 ANSWER_TENSORS: dict[str, tuple[str, ...]] = {LOG_PROB: ("log_prob",),
                                               SAMPLE: ("samples", "log_prob")}
+
+#: A model fit to a model-language target: the artifact metadata key holding the target's JSON,
+#: and the tensors of its /sample answer (the column names go in the safetensors metadata,
+#: ``columns``, as JSON text).
+TARGET_METADATA = "target"
+TARGET_ANSWER_TENSORS: tuple[str, ...] = ("samples", "log_prob", "target_log_prob")
 
 
 class JobStatus(StrEnum):

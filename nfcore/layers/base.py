@@ -7,10 +7,35 @@ returns ``log|det dz/dx|``; ``inverse`` maps ``z`` to ``x`` and returns ``log|de
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Layer", "MLP", "MADE", "ACTIVATIONS", "soft_clamp", "zero_output"]
+__all__ = ["Layer", "MLP", "MADE", "ACTIVATIONS", "soft_clamp", "zero_output", "lean",
+           "eager_inference"]
+
+_EAGER = contextvars.ContextVar("nfcore_eager_inference", default=False)
+
+
+def lean() -> bool:
+    """True when a layer may take its lean inference kernels: autograd is off (``no_grad`` or
+    ``inference_mode``) and no ``eager_inference()`` block is open. Lean kernels compute the same
+    values (to float rounding) with fewer, in-place operations and cached derived weights."""
+    return not torch.is_grad_enabled() and not _EAGER.get()
+
+
+@contextlib.contextmanager
+def eager_inference() -> Iterator[None]:
+    """Run the plain (training-path) kernels even without autograd: the reference that the lean
+    inference path is tested against."""
+    token = _EAGER.set(True)
+    try:
+        yield
+    finally:
+        _EAGER.reset(token)
 
 def _relu() -> nn.Module:
     # In place: saves one (batch x width) allocation per hidden layer, and ReLU's backward only
@@ -42,6 +67,9 @@ class Layer(nn.Module):
     #: True when ``forward``'s log|det| is exact (to the layer's stated solver tolerance), False
     #: when it is a stochastic estimate.
     exact: bool = True
+    #: True when each row's result depends on that row alone (no batch-wide solver stopping
+    #: rule), so that a flow may process a large batch in cache-sized row blocks.
+    row_wise: bool = True
 
     @property
     def cost(self) -> tuple[str, str]:
@@ -102,8 +130,22 @@ class MaskedLinear(Dense):
         super().__init__(in_features, out_features)
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
+    def masked_weight(self) -> Tensor:
+        """``weight * mask``; without autograd, computed once and kept until either changes (an
+        optimizer step or a load bumps the weight's version counter)."""
+        if not lean() or self.weight.is_inference() or self.mask.is_inference():
+            return self.weight * self.mask  # (inference tensors keep no version counter)
+        key = (self.weight._version, self.mask._version, self.weight.data_ptr(),
+               self.weight.device, self.weight.dtype)
+        cached = self.__dict__.get("_masked")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, (self.weight * self.mask).detach())
+            self.__dict__["_masked"] = cached
+        return cached[1]
+
     def forward(self, x: Tensor) -> Tensor:
-        return (x @ (self.weight * self.mask).T).add_(self.bias)
+        return (x @ self.masked_weight().T).add_(self.bias)
 
 
 class MADE(nn.Module):
@@ -163,9 +205,9 @@ class MADE(nn.Module):
         acts = [m for m in self.net if not isinstance(m, MaskedLinear)]
         for layer, act, n_in, n_out in zip(linears[:-1], acts, widths[:-1], widths[1:],
                                            strict=True):
-            w = layer.weight[:n_out, :n_in] * layer.mask[:n_out, :n_in]
+            w = layer.masked_weight()[:n_out, :n_in]
             h = act((h @ w.T).add_(layer.bias[:n_out]))
         last = linears[-1]
         rows = slice(i * self.params, (i + 1) * self.params)
-        w = last.weight[rows, : widths[-1]] * last.mask[rows, : widths[-1]]
+        w = last.masked_weight()[rows, : widths[-1]]
         return (h @ w.T).add_(last.bias[rows])

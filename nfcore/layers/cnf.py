@@ -230,6 +230,7 @@ class CNF(Layer):
     """
 
     fast_forward = False
+    row_wise = False  # its solver stops on a batch-wide rule
     fast_inverse = False
     cost = ("ode", "ode")
 

@@ -195,6 +195,7 @@ class Residual(Layer):
     """
 
     fast_inverse = False
+    row_wise = False  # its solver stops on a batch-wide rule
 
     def __init__(self, dim: int, *, hidden: list[int] | None = None, lipschitz: float = 0.97,
                  exact_dim: int = 16, context_dim: int = 0, **_):

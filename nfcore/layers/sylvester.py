@@ -62,6 +62,7 @@ class Sylvester(Layer):
     """
 
     fast_forward = False
+    row_wise = False  # its solver stops on a batch-wide rule
 
     def __init__(self, dim: int, *, kind: str = "orthogonal", rank: int | None = None,
                  reflections: int | None = None, hidden: list[int] | None = None,

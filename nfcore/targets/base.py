@@ -1,5 +1,6 @@
 """``Target``: an unnormalized log density ``log p~(z)`` over ``R^dim`` for reverse-KL training,
-and the constrained space its samples are reported in."""
+and the constrained space its samples are reported in; optionally conditional on a context (an
+observation that changes from one fit to the next), for amortized fits."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from torch import Tensor
 from ..errors import ShapeError, TargetError
 
 __all__ = ["Target", "Draws"]
+
+
+def fmt_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(n) for n in shape) + "]"
 
 
 @dataclass
@@ -56,6 +61,17 @@ class Target:
         sampler: optional ``sampler(n, generator) -> Tensor (n, dim)`` of exact samples.
         description: free text for people.
         spec: JSON that rebuilds it through ``nfcore.targets.from_spec`` (built-ins, expressions).
+        context_dim: with ``context_dim > 0`` the target is conditional: ``log_prob`` is called as
+            ``log_prob(z, context)`` with ``context`` of shape ``(N, context_dim)``, one context
+            row per row of ``z`` (see ``check_context``).
+
+    **Contexts.** A conditional target's ``log p~(z | c)`` depends on a context row ``c``: the
+    values of its ``context_shapes`` flattened (row-major) and concatenated in declaration order,
+    ``context_columns`` naming each entry. ``log_prob(z, context)`` takes one row for all of ``z``
+    or one row per row of ``z``; ``check_context`` and ``pack_context`` turn a row, rows or named
+    values into that form and raise ``TargetError`` naming the problem (wrong size, a missing or
+    unknown name, a value that is not finite). ``at(c)`` fixes one context: an unconditional
+    target, e.g. for a separate, non-amortized fit of one observation.
 
     Example:
         >>> import torch
@@ -74,9 +90,12 @@ class Target:
         sampler: Callable[[int, torch.Generator | None], Tensor] | None = None,
         description: str = "",
         spec: dict[str, Any] | None = None,
+        context_dim: int = 0,
     ):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise TargetError(f"Expected a positive integer dim; got {dim!r}")
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
+            raise TargetError(f"Expected a non-negative integer context_dim; got {context_dim!r}")
         if not callable(log_prob):
             raise TargetError(f"Expected a callable log_prob; got {type(log_prob).__name__}")
         self.name = name
@@ -87,6 +106,8 @@ class Target:
         self.description = description
         #: A JSON description that rebuilds the target (``targets.from_spec``), when there is one.
         self.spec = spec
+        #: The length of a context row (0: an unconditional target).
+        self.context_dim = context_dim
 
     def __repr__(self) -> str:
         return f"Target({self.name!r}, dim={self.dim}, log_z={self.log_z})"
@@ -95,16 +116,141 @@ class Target:
     def has_sampler(self) -> bool:
         return self._sampler is not None
 
-    def log_prob(self, z: Tensor) -> Tensor:
-        """``log p~(z)`` of shape ``(N,)`` for ``z`` of shape ``(N, dim)``."""
+    def log_prob(self, z: Tensor, context: Any = None) -> Tensor:
+        """``log p~(z)`` (``log p~(z | context)`` for a conditional target) of shape ``(N,)`` for
+        ``z`` of shape ``(N, dim)``; ``context`` as ``check_context`` takes it."""
         if z.ndim != 2 or z.shape[-1] != self.dim:
             raise TargetError(f"Expected z of shape (N, {self.dim}); got {tuple(z.shape)}")
-        out = self._log_prob(z)
+        if self.context_dim:
+            c = self.check_context(context, z.shape[0]).to(device=z.device, dtype=z.dtype)
+            out = self._log_prob(z, c.expand(z.shape[0], -1))
+        else:
+            self.check_context(context)
+            out = self._log_prob(z)
         if not isinstance(out, Tensor) or out.shape != z.shape[:1]:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise TargetError(f"Target {self.name!r} must return a tensor of shape "
                               f"({z.shape[0]},); got {got}")
         return out
+
+    # ------------------------------------------------------------------ contexts
+    @property
+    def context_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each context value's name and shape, in the order a context row concatenates them."""
+        return {"context": (self.context_dim,)} if self.context_dim else {}
+
+    @property
+    def context_columns(self) -> list[str]:
+        """The name of each entry of a context row (``x[0]``, ``y[1,2]``: 0-based, row-major)."""
+        from .transforms import column_names
+
+        return [c for name, shape in self.context_shapes.items()
+                for c in column_names(name, shape)]
+
+    def check_context(self, context: Any, n: int | None = None) -> Tensor | None:
+        """A context as float64 rows ``(1 or n, context_dim)``, from a row, rows (``(M,
+        context_dim)``, ``M`` 1 or ``n`` when ``n`` is given) or named values (``pack_context``);
+        ``None`` for an unconditional target given none. Raises ``TargetError`` naming what is
+        wrong: a context where none is taken, none where one is needed, the wrong size, a missing
+        or unknown name, or a value that is not finite (NaN or infinite).
+
+        Example:
+            >>> t = Target("c", 1, lambda z, c: -0.5 * ((z - c) ** 2).sum(-1), context_dim=1)
+            >>> t.check_context([0.5]).tolist()
+            [[0.5]]
+            >>> t.check_context([0.5, 1.0])
+            Traceback (most recent call last):
+            ...
+            nfcore.errors.TargetError: context: expected rows of 1 number (context[0]); got 2 numbers
+        """
+        if not self.context_dim:
+            if context is not None:
+                raise TargetError(f"Target {self.name!r} takes no context; got one")
+            return None
+        if context is None:
+            raise TargetError(f"Target {self.name!r} needs a context: {self._context_layout()}")
+        if isinstance(context, Mapping):
+            c = self.pack_context(context)
+        else:
+            if hasattr(context, "tolist") and not isinstance(context, Tensor):
+                context = context.tolist()
+            try:  # a tensor stays on its device
+                c = (context.detach().to(torch.float64) if isinstance(context, Tensor)
+                     else torch.as_tensor(context, dtype=torch.float64))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TargetError(f"context: expected numbers; {e}"[:300]) from None
+            if c.ndim == 1:
+                c = c[None]
+            if c.ndim != 2 or c.shape[-1] != self.context_dim:
+                got = (f"{c.shape[-1]} number{'s' if c.shape[-1] != 1 else ''}" if c.ndim in (1, 2)
+                       else f"shape {tuple(c.shape)}")
+                raise TargetError(f"context: expected rows of {self._context_layout()}; got {got}")
+        if n is not None and c.shape[0] not in (1, n):
+            raise TargetError(f"context: expected 1 row or {n} rows (one per sample); got "
+                              f"{c.shape[0]}")
+        bad = ~torch.isfinite(c)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            what = "NaN" if bool(torch.isnan(c[row, col])) else "infinite"
+            where = f"row {row}, " if c.shape[0] > 1 else ""
+            raise TargetError(f"context: {where}{self.context_columns[col]} is {what}; every "
+                              "context value must be finite")
+        return c
+
+    def _context_layout(self) -> str:
+        d = self.context_dim
+        shown = ", ".join(f"{k} {fmt_shape(v)}" if v else k for k, v in self.context_shapes.items())
+        if list(self.context_shapes) == ["context"]:
+            shown = ", ".join(self.context_columns[:3]) + (", ..." if d > 3 else "")
+        return f"{d} number{'s' if d != 1 else ''} ({shown})"
+
+    def pack_context(self, named: Mapping[str, Any]) -> Tensor:
+        """Context rows ``(M, context_dim)`` from named values: each name of ``context_shapes``
+        with a value of its shape (one row) or of shape ``(M, *shape)`` (``M`` rows), e.g.
+        ``{"y": [0.1, 0.3]}`` for ``"context": {"y": {"shape": [2]}}``. Raises ``TargetError``
+        naming a missing, unknown or misshapen value."""
+        if not self.context_dim:
+            raise TargetError(f"Target {self.name!r} takes no context; got one")
+        if not isinstance(named, Mapping):
+            raise TargetError(f"context: expected an object of name -> values; got "
+                              f"{type(named).__name__}")
+        shapes = self.context_shapes
+        unknown = sorted(str(k) for k in named if k not in shapes)
+        missing = [k for k in shapes if k not in named]
+        if missing:
+            raise TargetError(f"context: missing {missing}; expected values for {list(shapes)}")
+        if unknown:
+            raise TargetError(f"context: unknown {unknown}; expected values for {list(shapes)}")
+        parts, rows = [], None
+        for name, shape in shapes.items():
+            value = named[name]
+            if hasattr(value, "tolist") and not isinstance(value, Tensor):
+                value = value.tolist()
+            try:
+                t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TargetError(f"context.{name}: expected numbers; {e}"[:300]) from None
+            if tuple(t.shape) == shape:
+                t = t[None]
+            elif t.ndim != len(shape) + 1 or tuple(t.shape[1:]) != shape:
+                raise TargetError(f"context.{name}: expected shape {fmt_shape(shape)} (or (M, "
+                                  f"{', '.join(map(str, shape))}) for M rows)".replace(", )", ")")
+                                  + f"; got {fmt_shape(tuple(t.shape))}")
+            if rows is not None and t.shape[0] != rows:
+                raise TargetError(f"context.{name}: expected {rows} rows like the others; got "
+                                  f"{t.shape[0]}")
+            rows = t.shape[0]
+            parts.append(t.reshape(rows, -1))
+        return torch.cat(parts, -1)
+
+    def at(self, context: Any) -> Target:
+        """This target with its context fixed to one row: an unconditional ``Target`` (the same
+        parameters, columns and derived quantities), e.g. for a non-amortized fit of one
+        observation."""
+        c = self.check_context(context)
+        if c is None or c.shape[0] != 1:
+            raise TargetError("at(): expected one context row")
+        return _AtContext(self, c)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact samples, shape ``(n, dim)``; only for targets that know how."""
@@ -152,25 +298,27 @@ class Target:
         self._check_values(values)
         return torch.isfinite(values).all(-1)
 
-    def target_log_prob(self, values: Tensor) -> Tensor:
+    def target_log_prob(self, values: Tensor, context: Any = None) -> Tensor:
         """The model's log density at constrained values, ``(N,)``, without the Jacobian of the
         transform (so ``log_prob(z) = target_log_prob(constrain(z)[0]) + constrain(z)[1]``)."""
         self._check_values(values)
-        return self.log_prob(values)
+        return self.log_prob(values, context)
 
-    def derived(self, values: Tensor) -> Tensor:
+    def derived(self, values: Tensor, context: Any = None) -> Tensor:
         """Derived quantities at constrained values, ``(N, len(derived_columns))``."""
         self._check_values(values)
+        self.check_context(context, values.shape[0])
         return values.new_zeros(values.shape[0], 0)
 
-    def draws(self, z: Tensor, log_q: Tensor) -> Draws:
+    def draws(self, z: Tensor, log_q: Tensor, context: Any = None) -> Draws:
         """Report flow samples ``z`` with their ``log_q = log q(z)`` in the constrained space: named
-        columns (derived quantities included), log q there and the model's log density."""
+        columns (derived quantities included), log q there and the model's log density (at
+        ``context``, for a conditional target)."""
         if log_q.shape != z.shape[:1]:
             raise ShapeError(f"Expected log_q of shape ({z.shape[0]},); got {tuple(log_q.shape)}")
         values, ladj = self.constrain(z)
-        samples = torch.cat([values, self.derived(values)], -1)
-        return Draws(self.columns, samples, log_q - ladj, self.target_log_prob(values))
+        samples = torch.cat([values, self.derived(values, context)], -1)
+        return Draws(self.columns, samples, log_q - ladj, self.target_log_prob(values, context))
 
     def pack(self, named: Mapping[str, Any]) -> Tensor:
         """Constrained values ``(N, len(param_columns))`` from one array per parameter, each of
@@ -220,3 +368,48 @@ class Target:
         if not isinstance(values, Tensor) or values.ndim != 2 or values.shape[-1] != width:
             got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
             raise ShapeError(f"Expected values of shape (N, {width}); got {got}")
+
+
+class _AtContext(Target):
+    """A conditional target with its context fixed to one row (``Target.at``): its own density,
+    constrained space, columns and derived quantities, with no context to give."""
+
+    def __init__(self, parent: Target, context: Tensor):
+        self.parent = parent
+        self.context = context
+        spec = None
+        if parent.spec is not None:
+            spec = {"conditional": parent.spec, "context": context[0].tolist()}
+        super().__init__(f"{parent.name}|context", parent.dim,
+                         lambda z: parent.log_prob(z, self.context), log_z=None,
+                         description=parent.description, spec=None)
+        self.context_spec = spec
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.parent.param_shapes
+
+    @property
+    def param_columns(self) -> list[str]:
+        return self.parent.param_columns
+
+    @property
+    def derived_columns(self) -> list[str]:
+        return self.parent.derived_columns
+
+    def constrain(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.parent.constrain(z)
+
+    def unconstrain(self, values: Tensor) -> Tensor:
+        return self.parent.unconstrain(values)
+
+    def in_support(self, values: Tensor) -> Tensor:
+        return self.parent.in_support(values)
+
+    def target_log_prob(self, values: Tensor, context: Any = None) -> Tensor:
+        self.check_context(context)
+        return self.parent.target_log_prob(values, self.context)
+
+    def derived(self, values: Tensor, context: Any = None) -> Tensor:
+        self.check_context(context)
+        return self.parent.derived(values, self.context)

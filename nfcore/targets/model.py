@@ -9,6 +9,12 @@ This is a contract; clients and tests use these names::
                   "normal_lpdf(theta_tilde, 0, 1)", "normal_lpdf(y, mu + tau * theta_tilde, sigma)"],
      "derived": {"theta": "mu + tau * theta_tilde"}}
 
+and, for a conditional model (amortized fits, ``fit_target(..., contexts=...)``)::
+
+    {"params": {"theta": {"shape": [10]}},
+     "context": {"x": {"shape": [10]}},
+     "log_prob": ["normal_lpdf(theta, 0, sqrt(0.1))", "normal_lpdf(x, theta, sqrt(0.1))"]}
+
 - ``params`` maps each name to ``{"shape": [] | [k] | [k, m], "lower": a, "upper": b,
   "constraint": "ordered" | "simplex"}``; every key is optional and ``{}`` is a real scalar. The
   unconstraining transforms and their log-Jacobians are added automatically, as Stan does (see
@@ -20,6 +26,15 @@ This is a contract; clients and tests use these names::
   (``normal_lpdf(y, m, s)`` has the broadcast shape of its arguments); the term around it sums it.
 - ``derived`` names expressions computed per sample and returned with the samples, like Stan's
   transformed parameters and generated quantities. They do not enter the density.
+- ``context`` (optional) declares observed real values that change from one fit to the next,
+  ``{name: {"shape": [] | [k] | [k, m] | [k, m, n]}}`` (``{}`` is a scalar), next to the fixed
+  ``data``. Expressions use them like data; their values come with each evaluation. A **context
+  row** is every context value flattened row-major and concatenated in declaration order
+  (``context_columns`` names the entries: ``x[0]``, ..., as for parameters), so
+  ``{"a": {}, "x": {"shape": [2]}}`` gives rows ``[a, x[0], x[1]]``. ``log_prob(z, context)``
+  takes one row for all samples or one row per sample; ``pack_context({"a": 1, "x": [2, 3]})``
+  builds rows from named values; ``at(row)`` gives the unconditional model with the context
+  moved into ``data``.
 
 The expressions use the grammar of ``nfcore.targets.expression`` and the functions of
 ``nfcore.targets.functions``. Errors are ``ExpressionError`` (or ``TargetError`` for a bad
@@ -58,11 +73,11 @@ from .transforms import Param, column_names
 
 __all__ = ["ModelTarget", "from_model", "MODEL_KEYS", "MODEL_LIMITS"]
 
-#: The keys of a model. (Conditional targets will add ``"context"``: observed inputs that change
-#: from one fit to the next; they enter the compiler as more batched variables.)
-MODEL_KEYS = ("params", "data", "log_prob", "derived")
+#: The keys of a model. ``"context"`` holds observed inputs that change from one fit to the next;
+#: they enter the compiler as more batched variables, after the parameters.
+MODEL_KEYS = ("params", "data", "context", "log_prob", "derived")
 #: Bounds on a model's size, next to the expression bounds in ``expression.LIMITS``.
-MODEL_LIMITS = {"params": 64, "data": 64, "data_size": 2_000_000, "data_rank": 3, "terms": 256,
+MODEL_LIMITS = {"params": 64, "data": 64, "context": 64, "context_size": 4096, "data_size": 2_000_000, "data_rank": 3, "terms": 256,
                 "derived": 64}
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}\Z")
 
@@ -180,6 +195,7 @@ class ModelTarget(Target):
         if dim > LIMITS["dim"]:
             raise TargetError(f"params: {dim} unconstrained reals in all; at most {LIMITS['dim']}")
         data = self._data(spec.get("data"), taken)
+        self._context = self._contexts(spec.get("context"), taken)
         terms = _terms(spec["log_prob"])
         derived = spec.get("derived") or {}
         if not isinstance(derived, Mapping) or len(derived) > MODEL_LIMITS["derived"]:
@@ -188,7 +204,7 @@ class ModelTarget(Target):
         for key in derived:
             _check_name("derived", key, taken)
 
-        compiler = Compiler({p.name: p.shape for p in self.params}, data)
+        compiler = Compiler({**{p.name: p.shape for p in self.params}, **self._context}, data)
         self._terms: list[tuple[str, Value]] = []
         for i, text in enumerate(terms):
             field = "log_prob" if isinstance(spec["log_prob"], str) else f"log_prob[{i}]"
@@ -203,12 +219,15 @@ class ModelTarget(Target):
         normalized: dict[str, Any] = {"params": {p.name: p.to_json() for p in self.params}}
         if "data" in spec:
             normalized["data"] = {k: t.tolist() for k, t in data.items()}
+        if self._context:
+            normalized["context"] = {k: {"shape": list(v)} for k, v in self._context.items()}
         normalized["log_prob"] = (spec["log_prob"] if isinstance(spec["log_prob"], str)
                                   else list(terms))
         if "derived" in spec:
             normalized["derived"] = dict(derived)
         super().__init__(name, dim, self._log_prob_z, description="; ".join(terms)[:500],
-                         spec=normalized)
+                         spec=normalized,
+                         context_dim=sum(math.prod(s) for s in self._context.values()))
         self._dry_run()
 
     # ------------------------------------------------------------------ building
@@ -240,10 +259,38 @@ class ModelTarget(Target):
             taken[key] = "data"
         return out
 
+    @staticmethod
+    def _contexts(context: Any, taken: dict[str, str]) -> dict[str, tuple[int, ...]]:
+        if context is None:
+            return {}
+        if not isinstance(context, Mapping) or len(context) > MODEL_LIMITS["context"]:
+            raise TargetError(f"context: expected an object of at most {MODEL_LIMITS['context']} "
+                              'name -> {"shape": [...]}')
+        out: dict[str, tuple[int, ...]] = {}
+        for key, decl in context.items():
+            _check_name("context", key, taken)
+            if decl is None:
+                decl = {}
+            if not isinstance(decl, Mapping) or set(decl) - {"shape"}:
+                raise TargetError(f'context.{key}: expected {{"shape": [...]}} (or {{}} for a '
+                                  f"scalar); got {decl!r}"[:300])
+            shape = decl.get("shape", [])
+            if (not isinstance(shape, list | tuple) or len(shape) > MODEL_LIMITS["data_rank"]
+                    or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                           for n in shape)):
+                raise TargetError(f"context.{key}.shape: expected a list of up to "
+                                  f"{MODEL_LIMITS['data_rank']} positive integers; got {shape!r}"
+                                  [:300])
+            out[key] = tuple(shape)
+            taken[key] = "context"
+        if sum(math.prod(s) for s in out.values()) > MODEL_LIMITS["context_size"]:
+            raise TargetError(f"context: more than {MODEL_LIMITS['context_size']} numbers in all")
+        return out
+
     def _dry_run(self) -> None:
         """Evaluate everything once, so that no model that compiled can fail when it is used."""
         z = torch.zeros(2, self.dim, dtype=torch.float64)
-        env = self._env(self._split(z)[0], z)
+        env = self._env(self._split(z)[0], z, self._zero_context(z))
         for field, value in self._terms + [(f"derived.{k}", v) for k, v in self._derived]:
             if not value.batched:
                 continue
@@ -266,11 +313,21 @@ class ModelTarget(Target):
             start += p.free
         return xs, ladj
 
-    def _env(self, xs: Sequence[Tensor], like: Tensor) -> tuple[Sequence[Tensor], list[Tensor]]:
+    def _zero_context(self, like: Tensor) -> Tensor | None:
+        return like.new_zeros(like.shape[0], self.context_dim) if self._context else None
+
+    def _env(self, xs: Sequence[Tensor], like: Tensor, context: Tensor | None
+             ) -> tuple[Sequence[Tensor], list[Tensor]]:
+        if self._context:
+            n = like.shape[0]
+            c = context.to(device=like.device, dtype=like.dtype).expand(n, -1)
+            xs = [*xs, *(t.reshape(n, *shape) for t, shape in zip(
+                c.split([math.prod(s) for s in self._context.values()], -1),
+                self._context.values(), strict=True))]
         return xs, self._program.consts(like.dtype, like.device)
 
-    def _density(self, xs: Sequence[Tensor], like: Tensor) -> Tensor:
-        env = self._env(xs, like)
+    def _density(self, xs: Sequence[Tensor], like: Tensor, context: Tensor | None) -> Tensor:
+        env = self._env(xs, like, context)
         n = like.shape[0]
         total = like.new_full((n,), self._constant)
         for _, value in self._terms:
@@ -278,10 +335,10 @@ class ModelTarget(Target):
                 total = total + value.run(env).reshape(n, -1).sum(-1)
         return total
 
-    def _log_prob_z(self, z: Tensor) -> Tensor:
+    def _log_prob_z(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         z64 = z.to(torch.float64)
         xs, ladj = self._split(z64)
-        out = self._density(xs, z64) + ladj
+        out = self._density(xs, z64, context) + ladj
         if z.dtype != torch.float64:
             # A density far below the caller's dtype's range (e.g. -1e69 where an AR(MA) recursion
             # explodes) saturates instead of becoming -inf, so that one such sample does not make
@@ -331,25 +388,48 @@ class ModelTarget(Target):
             inside &= p.in_support(x)
         return inside
 
-    def target_log_prob(self, values: Tensor) -> Tensor:
+    def target_log_prob(self, values: Tensor, context: Any = None) -> Tensor:
         """The model's log density at constrained values, ``(N,)``: the sum of the terms, without
         the Jacobian; ``-inf`` for rows outside the parameters' support."""
         self._check_values(values)
+        c = self.check_context(context, values.shape[0])
         v64 = values.to(torch.float64)
-        out = self._density(self._values(v64), v64)
+        out = self._density(self._values(v64), v64, c)
         return torch.where(self.in_support(values), out, float("-inf")).to(values.dtype)
 
-    def derived(self, values: Tensor) -> Tensor:
+    def derived(self, values: Tensor, context: Any = None) -> Tensor:
         self._check_values(values)
+        c = self.check_context(context, values.shape[0])
         v64 = values.to(torch.float64)
         n = values.shape[0]
-        env = self._env(self._values(v64), v64)
+        env = self._env(self._values(v64), v64, c)
         parts = [value.run(env).reshape(n, -1) if value.batched
                  else value.const.to(device=values.device, dtype=torch.float64).reshape(1, -1)
                  .expand(n, -1) for _, value in self._derived]
         if not parts:
             return values.new_zeros(n, 0)
         return torch.cat(parts, -1).to(values.dtype)
+
+    @property
+    def context_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._context)
+
+    def at(self, context: Any) -> ModelTarget:
+        """The unconditional model with this context row moved into ``data`` (its ``spec``
+        rebuilds it, so a fit of it is stored like any other)."""
+        c = self.check_context(context)
+        if c is None or c.shape[0] != 1:
+            raise TargetError("at(): expected one context row")
+        spec = dict(self.spec)
+        del spec["context"]
+        data = dict(spec.get("data", {}))
+        start = 0
+        for key, shape in self._context.items():
+            size = math.prod(shape)
+            data[key] = c[0, start:start + size].reshape(shape).tolist()
+            start += size
+        spec["data"] = data
+        return ModelTarget(spec, name=self.name)
 
     def __repr__(self) -> str:
         return (f"ModelTarget(params={[p.name for p in self.params]}, dim={self.dim}, "

@@ -73,12 +73,26 @@ DEFENSIVE_DF = 1
 _EVAL_CHUNK = 4096
 
 
+#: The diagnostics that count against a fit when above their thresholds, with what each means.
+_ABOVE = (
+    ("tail_fraction", lambda v: f"{v:.2%} of the samples reach a spline layer's identity tails "
+     "(outside its [-bound, bound]), where the flow cannot shape the density: raise the spline's "
+     "bound or fit with a loc_scale layer on the data side"),
+    ("missing_mass", lambda v: f"q misses about {v:.0%} of the target's mass, which a heavy-tailed "
+     "proposal around a Gaussian approximation of the target finds: q's samples rarely visit it, "
+     "so its ESS and k̂ cannot see it"),
+    ("outside_support", lambda v: f"{v:.2%} of q's samples fall where the target's density is "
+     "zero or not a number"),
+)
+
+
 @torch.no_grad()
 def sample_with_tails(flow: Flow, noise: Tensor, context: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """``flow.sample_from_noise`` that also says, per sample, whether it reached the identity tails
     of any spline layer on the way: ``(x, log_q, in_tail)``."""
     z, log_q = noise, flow.base_log_prob(noise)
+    context = flow.embed(context)
     in_tail = torch.zeros(noise.shape[0], dtype=torch.bool, device=noise.device)
     for layer in reversed(flow.layers):
         z, ladj = layer.inverse(z, context)
@@ -113,26 +127,11 @@ def verdict(diagnostics: dict[str, Any]) -> tuple[str, list[str]]:
                        f"the importance-sampling ESS is {ess:.1%} of the samples (< {check:.0%}): "
                        f"a raw-sample mean may be off by up to {bound:.2g} sd (sqrt(1/ESS - 1)); "
                        "weight the samples by exp(target_log_prob - log_prob), or train longer"))
-    tail = diagnostics.get("tail_fraction")
-    check, bad = THRESHOLDS["tail_fraction"]
-    if tail is not None and tail > check:
-        issues.append((2 if tail > bad else 1,
-                       f"{tail:.2%} of the samples reach a spline layer's identity tails (outside "
-                       "its [-bound, bound]), where the flow cannot shape the density: raise the "
-                       "spline's bound or fit with a loc_scale layer on the data side"))
-    missing = diagnostics.get("missing_mass")
-    check, bad = THRESHOLDS["missing_mass"]
-    if missing is not None and missing > check:
-        issues.append((2 if missing > bad else 1,
-                       f"q misses about {missing:.0%} of the target's mass, which a heavy-tailed "
-                       "proposal around a Gaussian approximation of the target finds: q's samples "
-                       "rarely visit it, so its ESS and k̂ cannot see it"))
-    outside = diagnostics.get("outside_support")
-    check, bad = THRESHOLDS["outside_support"]
-    if outside is not None and outside > check:
-        issues.append((2 if outside > bad else 1,
-                       f"{outside:.2%} of q's samples fall where the target's density is zero "
-                       "or not a number"))
+    for key, says in _ABOVE:
+        value = diagnostics.get(key)
+        check, bad = THRESHOLDS[key]
+        if value is not None and value > check:
+            issues.append((2 if value > bad else 1, says(value)))
     if not issues:
         return "ok", []
     worst = max(level for level, _ in issues)
@@ -151,12 +150,14 @@ def as_float64(flow: Flow) -> Flow:
 
 @torch.no_grad()
 def evaluate_target(flow: Flow, target: Target, n: int = 20_000, seed: int = 0, *,
-                    start: GaussianStart | None = None) -> dict[str, Any]:
+                    start: GaussianStart | None = None, context: Tensor | None = None
+                    ) -> dict[str, Any]:
     """Importance diagnostics of ``flow`` as an approximation of ``target`` from ``n`` samples:
     ``elbo``, ``elbo_stderr``, ``ess_fraction``, ``log_z_estimate``, ``kl`` (when ``log_z`` is
     known; ``KL(q||p) = log Z - ELBO``, in nats), ``ess_samples`` and ``diagnostics``
     (``pareto_k``, ``ess_fraction``, ``tail_fraction``, ``missing_mass`` when a Gaussian ``start``
-    is given, ``verdict`` and ``reasons``).
+    is given, ``verdict`` and ``reasons``). For a conditional flow and target, ``context`` is the
+    one context row ``(1, context_dim)`` to evaluate ``q(. | c)`` at.
 
     Example:
         >>> import nfcore, torch
@@ -176,8 +177,9 @@ def evaluate_target(flow: Flow, target: Target, n: int = 20_000, seed: int = 0, 
     for i in range(0, n, _EVAL_CHUNK):
         m = min(_EVAL_CHUNK, n - i)
         eps = torch.randn(m, flow.dim, generator=gen, dtype=flow.dtype).to(flow.device)
-        x, log_q, in_tail = sample_with_tails(flow, eps)
-        log_p = target.log_prob(x)
+        c = None if context is None else context.to(flow.device, flow.dtype).expand(m, -1)
+        x, log_q, in_tail = sample_with_tails(flow, eps, c)
+        log_p = target.log_prob(x) if c is None else target.log_prob(x, c)
         log_w_parts.append(log_p - log_q)
         tail_parts.append(in_tail)
         if start is not None:

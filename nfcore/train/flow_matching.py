@@ -70,6 +70,7 @@ class FlowMatching:
         if self.ot and context is not None:
             raise ValueError("Expected an unconditional flow for mini-batch OT couplings; pairing "
                              "across contexts would mix their distributions")
+        context = flow.embed(context)
         with torch.no_grad():
             for layer in flow.layers[:-1]:
                 x, _ = layer(x, context)

@@ -52,20 +52,23 @@ class ReverseKL:
         self.path = path
         self._fixed: Flow | None = None
 
-    def _log_q_fixed(self, flow: Flow, x: Tensor) -> Tensor:
+    def _log_q_fixed(self, flow: Flow, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``log q(x)`` with gradients to ``x`` only, from a copy of ``flow`` kept in sync."""
         if self._fixed is None:
             self._fixed = copy.deepcopy(flow).requires_grad_(False)
         with torch.no_grad():
             for fixed, live in zip(self._fixed.parameters(), flow.parameters(), strict=True):
                 fixed.copy_(live)
-        return self._fixed.log_prob(x)
+        return self._fixed.log_prob(x, context)
 
-    def __call__(self, flow: Flow, noise: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Returns the loss and the per-sample log importance weights ``log p~ - log q``."""
-        x, log_q = flow.sample_from_noise(noise)
-        log_p = self.target.log_prob(x)
-        scored = self._log_q_fixed(flow, x) if self.path else log_q
+    def __call__(self, flow: Flow, noise: Tensor, beta: float = 1.0,
+                 context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns the loss and the per-sample log importance weights ``log p~ - log q``. With a
+        ``context`` (one row per noise row, for a conditional flow and target), the loss is the
+        negative ELBO averaged over those contexts: amortized variational inference."""
+        x, log_q = flow.sample_from_noise(noise, context)
+        log_p = self.target.log_prob(x) if context is None else self.target.log_prob(x, context)
+        scored = self._log_q_fixed(flow, x, context) if self.path else log_q
         loss = (scored - beta * log_p).mean()
         return loss, (log_p - log_q).detach()
 

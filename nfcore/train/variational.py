@@ -14,6 +14,7 @@ from .. import targets as _targets
 from ..errors import TargetError
 from ..flow import Flow
 from ..targets import Target
+from .amortized import check_amortized, fit_amortized
 from .diagnostics import evaluate_target
 from .loop import FitResult, Loop, Progress, check_common, finite_or_none, generator, resolve_steps
 from .losses import ReverseKL, beta_schedule
@@ -54,6 +55,7 @@ def fit_target(
     flow: Flow,
     target: Target | str | dict,
     *,
+    contexts: Any = None,
     steps: int | None = None,
     max_seconds: float | None = None,
     batch_size: int = 256,
@@ -72,6 +74,9 @@ def fit_target(
     report_every: int | None = None,
     gradient: str = "auto",
     start: str = "pathfinder",
+    context_batch: int | None = None,
+    holdout: float = 0.1,
+    start_contexts: int = 4,
 ) -> FitResult:
     """Fit ``flow`` to ``target`` by minimizing the reverse KL, ``E_q[log q - log p~]``, in place.
 
@@ -100,8 +105,21 @@ def fit_target(
     identity tails, the mass ``q`` misses that the Gaussian start finds, and a verdict (``ok``,
     ``check``, ``unreliable``) with its reasons (see ``nfcore.train.diagnostics``).
 
+    **Amortized fits.** With ``contexts`` (a conditional target, e.g. a model with a ``context``
+    block, and a conditional flow of the same ``context_dim``), the fit is of ``q(theta | c)`` for
+    every context at once, by the reverse KL averaged over the contexts: each step draws
+    ``context_batch`` contexts (default ``min(32, batch_size)``) and ``batch_size //
+    context_batch`` samples for each. A share ``holdout`` of the contexts (when there are at
+    least 10) is held out, and ``summary["diagnostics"]`` summarizes the diagnostics at up to 32
+    of them: k̂'s median and max, the share of contexts whose verdict is ``ok``, an overall
+    verdict and each context's figures. The start pools Pathfinder at ``start_contexts`` training
+    contexts (see ``nfcore.train.amortized``).
+
     Arguments:
-        flow: an unconditional flow whose ``dim`` equals the target's.
+        flow: an unconditional flow whose ``dim`` equals the target's (for an amortized fit, a
+            conditional one whose ``context_dim`` equals the target's).
+        contexts: for an amortized fit, the contexts: rows ``(M, context_dim)`` or named values
+            ``{name: (M, *shape)}`` (see ``Target.check_context``).
         target: a ``Target``, a built-in/plugin name such as ``"U1"``, or its JSON form
             (``{"builtin": "U1"}`` or ``{"dim", "log_prob", "constants"}``, see
             ``nfcore.targets.from_spec``).
@@ -134,8 +152,7 @@ def fit_target(
     target = _resolve(target)
     if target.dim != flow.dim:
         raise TargetError(f"Target {target.name!r} has dim {target.dim}; the flow has dim {flow.dim}")
-    if flow.context_dim:
-        raise TargetError("fit_target needs an unconditional flow; this one takes a context")
+    contexts = check_amortized(flow, target, contexts)
     total = resolve_steps(steps, max_seconds, "variational")
     if isinstance(ess_samples, bool) or not isinstance(ess_samples, int) or ess_samples < 1:
         raise ValueError(f"Expected ess_samples to be a positive integer; got {ess_samples!r}")
@@ -148,6 +165,15 @@ def fit_target(
     if gradient == "auto":
         gradient = "path" if flow.fast_log_prob else "total"
     every = report_every or (max(1, total // 200) if total is not None else 50)
+    if contexts is not None:
+        return fit_amortized(
+            flow, target, contexts, total=total, max_seconds=max_seconds, batch_size=batch_size,
+            context_batch=context_batch, holdout=holdout, start=start,
+            start_contexts=start_contexts, lr=lr, weight_decay=weight_decay, schedule=schedule,
+            clip_grad_norm=clip_grad_norm, anneal_steps=anneal_steps, seed=seed,
+            callback=callback, should_stop=should_stop, checkpoint_path=checkpoint_path,
+            checkpoint_every_s=checkpoint_every_s, resume=resume, ess_samples=ess_samples,
+            every=every, gradient=gradient, beta=beta_schedule(anneal_steps), began=began)
 
     gaussian = None
     if start == "pathfinder":

@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from ..inference.protocol import LogProbOptions, SampleOptions
 from ..store import NAME_PATTERN
@@ -27,8 +35,9 @@ from ..wire import JSON, JobStatus
 __all__ = [
     "FastJSONResponse", "ErrorPublic", "LogProbRequest", "LogProbOptions", "LogProbResponse",
     "SampleRequest", "SampleOptions", "SampleResponse", "Diagnostics", "ModelVersionPublic",
-    "ModelPublic", "ModelSummary", "ModelsPublic", "ModelUploaded", "TrainingOptions",
-    "DensityObjective", "BuiltinTarget", "ExpressionTarget", "VariationalObjective", "JobCreate",
+    "ModelPublic", "ModelSummary", "TargetPublic", "ModelsPublic", "ModelUploaded", "TrainingOptions",
+    "DensityObjective", "BuiltinTarget", "ExpressionTarget", "ModelLanguageTarget",
+    "VariationalObjective", "JobCreate",
     "JobAccepted", "ProgressPublic", "JobResult", "JobPublic", "JobsPublic", "DatasetPublic",
     "HealthPublic", "CheckPublic", "job_public", "dataset_public", "diagnostics_of",
 ]
@@ -53,11 +62,26 @@ class ErrorPublic(BaseModel):
 # ---------------------------------------------------------------------------------- inference
 class LogProbRequest(LogProbOptions):
     """Score points under a model. As ``application/octet-stream``, send a safetensors body with
-    tensors ``x`` (and ``context``) and put ``model``/``version`` in the query string."""
+    tensors ``x`` (and ``context``) and put ``model``/``version`` in the query string.
 
-    x: list[list[float]] = Field(
-        description="Points, one row per point, each of the model's dimension.",
+    A model fit to a model-language target (``GET /models/{name}`` shows its ``target``) scores
+    values in its constrained space: named ``values``, or rows ``x`` in its ``param_columns``
+    order; the answer is log q there. A value outside a parameter's support is a 422 naming it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "two_moons", "x": [[0.5, -0.25], [1.0, 0.3]]},
+        {"model": "eight_schools", "values": {"mu": [4.1, 3.2], "tau": [2.5, 0.8],
+                                              "theta_tilde": [[0.1] * 8, [-0.3] * 8]}}]})
+
+    x: list[list[float]] | None = Field(
+        None, description="Points, one row per point, each of the model's dimension (for a "
+        "model-language target: its constrained parameter columns). Give x or values.",
         examples=[[[0.5, -0.25], [1.0, 0.3]]])
+    values: dict[str, list[Any]] | None = Field(
+        None, description="Models fit to a model-language target: constrained values, one array "
+        "of shape (N, *shape) per parameter (all parameters, N rows each).",
+        examples=[{"mu": [4.1, 3.2], "tau": [2.5, 0.8],
+                   "theta_tilde": [[0.1] * 8, [-0.3] * 8]}])
     context: list[list[float]] | list[float] | None = Field(
         None, description="Conditioning values for a conditional model: one row per point, or one "
                           "row for all points.", examples=[None])
@@ -88,17 +112,47 @@ class SampleRequest(SampleOptions):
 
 class SampleResponse(BaseModel):
     """Samples and their log densities. As ``application/octet-stream`` (``Accept`` header): a
-    safetensors body with tensors ``samples`` and ``log_prob``."""
+    safetensors body with tensors ``samples`` and ``log_prob``.
+
+    A model fit to a model-language target answers in its constrained space: ``columns`` names
+    the columns of ``samples`` (parameters, then derived quantities), ``log_prob`` is log q there
+    and ``target_log_prob`` the model's log density, so ``target_log_prob - log_prob`` are
+    importance log-weights. Its safetensors answer adds the tensor ``target_log_prob`` and the
+    ``columns`` (JSON text) in its metadata."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "two_moons", "version": 1, "samples": [[0.1, 0.9], [1.8, -0.2]],
+         "log_prob": [-1.1, -0.9]},
+        {"model": "scale", "version": 1, "columns": ["mu", "sigma", "var"],
+         "samples": [[1.2, 0.8, 0.64], [0.9, 1.1, 1.21]], "log_prob": [-1.3, -1.8],
+         "target_log_prob": [-9.7, -10.2]}]})
 
     model: str = Field(description="Model name.", examples=["two_moons"])
     version: int = Field(description="Model version that answered.", examples=[1])
-    samples: list[list[float]] = Field(description="n rows of the model's dimension.",
+    columns: list[str] | None = Field(
+        None, exclude_if=lambda v: v is None, examples=[["mu", "sigma", "var"]],
+        description="Model-language targets: the name of each column of samples.")
+    samples: list[list[float]] = Field(description="n rows of the model's dimension (or of its "
+                                       "columns).",
                                        examples=[[[0.1, 0.9], [1.8, -0.2], [-0.7, 0.6]]])
-    log_prob: list[float] = Field(description="log q(x) of each sample.",
+    log_prob: list[float] = Field(description="log q(x) of each sample (in the constrained "
+                                  "space for a model-language target).",
                                   examples=[[-1.1, -0.9, -1.6]])
+    target_log_prob: list[float] | None = Field(
+        None, exclude_if=lambda v: v is None, examples=[[-9.7, -10.2, -11.0]],
+        description="Model-language targets: the model's log density at each sample.")
 
 
 # ---------------------------------------------------------------------------------- models
+#: The issue's example model, used in the examples of the model-language schemas.
+EIGHT_SCHOOLS: dict[str, Any] = {
+    "params": {"mu": {}, "tau": {"lower": 0}, "theta_tilde": {"shape": [8]}},
+    "data": {"y": [28, 8, -3, 7, -1, 1, 18, 12], "sigma": [15, 10, 16, 11, 9, 11, 10, 18]},
+    "log_prob": ["normal_lpdf(mu, 0, 5)", "cauchy_lpdf(tau, 0, 5)",
+                 "normal_lpdf(theta_tilde, 0, 1)", "normal_lpdf(y, mu + tau * theta_tilde, sigma)"],
+    "derived": {"theta": "mu + tau * theta_tilde"}}
+
+
 class Diagnostics(BaseModel):
     """Whether a variational fit can be trusted: Pareto-smoothed importance sampling k̂, the ESS
     fraction, the share of samples in spline tails, and a verdict with its reasons."""
@@ -135,6 +189,23 @@ def diagnostics_of(summary: object) -> Diagnostics | None:
         return None
 
 
+class TargetPublic(BaseModel):
+    """The model-language target a model was fit to, as its answers name it."""
+
+    params: dict[str, Any] = Field(description="Each parameter's declaration (shape, bounds, "
+                                   "constraint).", examples=[EIGHT_SCHOOLS["params"]])
+    derived: dict[str, str] = Field(description="Each derived quantity's expression.",
+                                    examples=[EIGHT_SCHOOLS["derived"]])
+    param_columns: list[str] = Field(description="Columns of the parameters, in the order "
+                                     "/log_prob takes rows x.",
+                                     examples=[["mu", "tau", "theta_tilde[0]", "…"]])
+    derived_columns: list[str] = Field(description="Columns of the derived quantities.",
+                                       examples=[["theta[0]", "…", "theta[7]"]])
+    columns: list[str] = Field(description="Every column of a /sample answer: parameters, then "
+                               "derived quantities.",
+                               examples=[["mu", "tau", "theta_tilde[0]", "…", "theta[7]"]])
+
+
 class ModelVersionPublic(BaseModel):
     """One stored version of a model."""
 
@@ -164,6 +235,10 @@ class ModelVersionPublic(BaseModel):
         description="Whether /log_prob answers are exact (to the solvers' stated tolerance); "
                     "false for a residual flow above its exact_dim, whose log-determinant is "
                     "an unbiased estimate.", examples=[True])
+    target: TargetPublic | None = Field(
+        None, exclude_if=_absent, description="The model-language target the model was fit to, "
+        "when it was: /sample and /log_prob then speak its constrained space, with these "
+        "columns.", examples=[None])
     artifact_url: str = Field(description="Where to download the file.",
                               examples=["/models/two_moons/versions/1/artifact"])
 
@@ -304,14 +379,53 @@ class ExpressionTarget(BaseModel):
                                       examples=[{"y": [1.0, 2.0]}])
 
 
+class ModelLanguageTarget(BaseModel):
+    """A Bayesian model in the model language (``nfcore.targets.model`` is its contract): named
+    parameters with shapes and constraints, data, ``log_prob`` terms each summed like Stan's
+    ``target +=``, and derived quantities. The flow's ``dim`` is the number of unconstrained reals
+    (a simplex of k entries has k - 1). A model fit to it answers /sample and /log_prob in the
+    constrained space with named columns."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EIGHT_SCHOOLS]})
+
+    params: dict[str, Any] = Field(description="Name -> {shape: [] | [k] | [k, m], lower, upper, "
+                                   "constraint: ordered | simplex}; every key optional, {} is a "
+                                   "real scalar.", examples=[EIGHT_SCHOOLS["params"]])
+    data: dict[str, Any] | None = Field(None, description="Name -> number or nested list; lists "
+                                        "of JSON integers are integer data that may index "
+                                        "(0-based).", examples=[EIGHT_SCHOOLS["data"]])
+    log_prob: str | list[str] = Field(description="One expression or a list of terms; each term "
+                                      "is summed over its elements and the sums are added.",
+                                      examples=[EIGHT_SCHOOLS["log_prob"]])
+    derived: dict[str, str] | None = Field(None, description="Name -> expression computed per "
+                                           "sample and returned with the samples; not part of "
+                                           "the density.", examples=[EIGHT_SCHOOLS["derived"]])
+
+
+def _target_kind(value: Any) -> str:
+    """Which kind of target a request's ``target`` is (a dict), or a parsed one (a model)."""
+    if isinstance(value, BaseModel):
+        return {BuiltinTarget: "builtin", ModelLanguageTarget: "model"}.get(type(value),
+                                                                            "expression")
+    if isinstance(value, dict):
+        return "builtin" if "builtin" in value else "model" if "params" in value else "expression"
+    return "expression"
+
+
 class VariationalObjective(BaseModel):
-    """Reverse KL against an unnormalized log density."""
+    """Reverse KL against an unnormalized log density: a built-in, an expression over ``z`` or a
+    model in the model language."""
 
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["variational"] = Field(description="Reverse KL.", examples=["variational"])
-    target: BuiltinTarget | ExpressionTarget = Field(description="The unnormalized log density.",
-                                                     examples=[{"builtin": "U1"}])
+    target: Annotated[Annotated[BuiltinTarget, Tag("builtin")]
+                      | Annotated[ExpressionTarget, Tag("expression")]
+                      | Annotated[ModelLanguageTarget, Tag("model")],
+                      Discriminator(_target_kind)] = Field(
+        description="The unnormalized log density: {builtin}, {dim, log_prob, constants} over z, "
+                    "or a model {params, data, log_prob, derived}.",
+        examples=[{"builtin": "U1"}, EIGHT_SCHOOLS])
 
 
 Objective = Annotated[DensityObjective | VariationalObjective, Field(discriminator="kind")]

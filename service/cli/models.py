@@ -35,18 +35,21 @@ def run_sample(args: argparse.Namespace) -> int:
     context = None
     if args.context:
         context = np.asarray([[float(v) for v in args.context.split(",")]])
+    columns = target_log_prob = None
     if args.url:
         try:
             with Client(args.url, api_key=args.api_key) as c:
-                x, log_q = c.sample(args.name, args.n, seed=args.seed, context=context,
-                                    version=args.version)
+                d = c.draws(args.name, args.n, seed=args.seed, context=context,
+                            version=args.version)
         except NFServeError as e:
             raise CommandError(f"{e.status_code}: {e.detail}") from None
+        x, log_q, columns, target_log_prob = d.samples, d.log_prob, d.columns, d.target_log_prob
     else:
         import torch
 
         import nfcore
 
+        from ..inference.constrained import target_of
         from ..store import ModelNotFound, ModelStore
 
         store = ModelStore(load_settings(models_dir=args.models_dir).models_dir)
@@ -54,20 +57,31 @@ def run_sample(args: argparse.Namespace) -> int:
             version = store.resolve(args.name, args.version)
             flow = nfcore.load(store.path(args.name, version))
             gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+            target = target_of(flow.metadata, flow.dim)
             with torch.inference_mode():
                 xs, lq = flow.sample_and_log_prob(args.n, context=context, generator=gen)
+                if target is not None:  # a model-language fit: its named, constrained columns
+                    d = target.draws(xs.double(), lq.double())
+                    xs, lq, columns = d.samples, d.log_prob, d.columns
+                    target_log_prob = d.target_log_prob.numpy()
         except (ModelNotFound, nfcore.NFCoreError) as e:
             raise CommandError(str(e)) from None
         x, log_q = xs.double().numpy(), lq.double().numpy()
-    header = [f"x{i}" for i in range(x.shape[1])] + ["log_prob"]
-    _write_rows(np.column_stack([x, log_q]), args.out, header)
+    header = (columns or [f"x{i}" for i in range(x.shape[1])]) + ["log_prob"]
+    rows = [x, log_q]
+    if target_log_prob is not None:
+        header.append("target_log_prob")
+        rows.append(target_log_prob)
+    _write_rows(np.column_stack(rows), args.out, header)
     return 0
 
 
 def add_sample(subparsers: argparse._SubParsersAction) -> None:
     p = subcommand(subparsers, "sample", "draw samples from a model",
                    "Draw samples and their log density from a model in the local store (or a "
-                   "server with --url); writes CSV (x0, x1, …, log_prob) or .npy.",
+                   "server with --url); writes CSV (x0, x1, …, log_prob) or .npy. A model fit to "
+                   "a model-language target gives its named, constrained columns, log_prob (log "
+                   "q there) and target_log_prob.",
                    guard(run_sample))
     p.add_argument("name", help="model name")
     p.add_argument("-n", type=int, default=1000, help="number of samples (default 1000)")

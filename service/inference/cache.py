@@ -21,11 +21,13 @@ from dataclasses import dataclass, replace
 import torch
 
 import nfcore
+from nfcore import targets
 
 from ..errors import ModelUnavailable
 from ..metrics import Metrics
 from ..settings import Settings
 from ..store import ModelStore
+from . import constrained
 from .batcher import Batcher, BatcherConfig
 from .forward import forward
 
@@ -36,12 +38,14 @@ log = logging.getLogger("nfserve")
 
 @dataclass
 class LoadedModel:
-    """A model ready to serve: its flow and the batcher in front of it."""
+    """A model ready to serve: its flow and the batcher in front of it; ``target`` is the
+    model-language target it was fit to, when it was (``service.inference.constrained``)."""
 
     name: str
     version: int
     flow: nfcore.Flow
     batcher: Batcher
+    target: targets.Target | None = None
     warmup_s: float | None = None  # the warm-up pass's duration; None: none was run
 
     @property
@@ -75,12 +79,20 @@ class ModelCache:
         """The readiness check of inference: the device and what is loaded."""
         return "inference", True, f"device {self.device}, {len(self._cache)} models loaded"
 
-    def _load(self, name: str, version: int) -> nfcore.Flow:
+    def _load(self, name: str, version: int) -> tuple[nfcore.Flow, targets.Target | None]:
         try:
-            return nfcore.load(self.store.path(name, version), device=self.device)
+            flow = nfcore.load(self.store.path(name, version), device=self.device)
         except nfcore.ArtifactError as e:
             raise ModelUnavailable(f"Model {name!r} version {version} cannot be loaded: {e}"
                                    ) from None
+        # The batcher's passes run nfcore's lean inference path (inference mode, row blocks);
+        # warm it here, off the event loop, so that no client's request pays for its set-up.
+        flow = flow.warm_up()
+        try:  # the model-language target in its metadata, rebuilt with no code
+            return flow, constrained.target_of(flow.metadata, flow.dim)
+        except nfcore.NFCoreError as e:
+            raise ModelUnavailable(f"Model {name!r} version {version}: its stored target "
+                                   f"cannot be rebuilt: {e}") from None
 
     async def get(self, name: str, version: int | None = None) -> LoadedModel:
         """The loaded model (latest version when ``version`` is None), loading it on a miss."""
@@ -144,16 +156,19 @@ class ModelCache:
         return loaded
 
     async def _load_into_cache(self, name: str, version: int) -> LoadedModel:
-        flow = await asyncio.to_thread(self._load, name, version)
+        flow, target = await asyncio.to_thread(self._load, name, version)
         warmup_s = await asyncio.to_thread(self._warm_up, name, version, flow)
         config = self.config
         if "ode" in flow.cost.values():
             # An adaptive ODE solver picks one step size for the whole batch, so a row's answer
             # would move (within tolerance) with its batch-mates: each request runs alone.
             config = replace(config, batching=False)
-        batcher = Batcher(forward(flow, config.max_batch_rows), f"{name}:{version}",
+        run = forward(flow, config.max_batch_rows)
+        if target is not None:
+            run = constrained.wrap(run, flow, target)
+        batcher = Batcher(run, f"{name}:{version}",
                           config, metrics=self.metrics, device_lock=self._device_lock)
-        model = LoadedModel(name, version, flow, batcher, warmup_s)
+        model = LoadedModel(name, version, flow, batcher, target, warmup_s)
         self._cache[(name, version)] = model
         self._evict()
         return model

@@ -39,6 +39,7 @@ from ..errors import (
 from ..settings import Settings
 from ..store import NAME_PATTERN
 from ..wire import JSON, LOG_PROB, OCTET_STREAM, REQUEST_TENSORS, SAMPLE
+from . import constrained
 from .batcher import Kind, Pending
 from .cache import LoadedModel, ModelCache
 
@@ -158,6 +159,11 @@ def as_rows(value: object, what: str, width: int, dtype: type, *, allow_single: 
 
 
 # ---------------------------------------------------------------------------------- decoding
+#: Array fields a JSON body may carry besides the tensors: a model fit to a model-language target
+#: takes named constrained ``values`` (``service.inference.constrained``).
+_JSON_ARRAYS: dict[str, tuple[str, ...]] = {LOG_PROB: ("values",), SAMPLE: ()}
+
+
 def _loads(body: bytes) -> Any:
     """``orjson.loads`` with the garbage collector paused. Parsed JSON holds no reference cycles,
     yet a large body allocates enough lists to set off collections over the whole heap: half the
@@ -220,7 +226,8 @@ def _decode(call: Call, route: str, options: type[BaseModel]
     if not call.body.strip() and "model" in query:  # every option in the query, no body
         return _options(options, query), {}
     data = _parse_json(call.body)
-    arrays = {name: data.pop(name) for name in REQUEST_TENSORS[route] if name in data}
+    arrays = {name: data.pop(name) for name in (*REQUEST_TENSORS[route], *_JSON_ARRAYS[route])
+              if name in data}
     return _options(options, {**query, **data}), arrays
 
 
@@ -252,20 +259,28 @@ class DataPlane:
 
     async def log_prob(self, call: Call) -> Answer:
         opts, arrays = _decode(call, LOG_PROB, LogProbOptions)
-        if arrays.get("x") is None:
+        if arrays.get("x") is None and arrays.get("values") is None:
             raise InvalidInput("The safetensors body has no tensor 'x'" if call.binary
                                else "x: field required (a list of rows)")
-        model, log_prob = await self.score(opts.model, opts.version, arrays["x"],
-                                           arrays.get("context"), timeout_ms=opts.timeout_ms)
+        model, log_prob = await self.score(opts.model, opts.version, arrays.get("x"),
+                                           arrays.get("context"), values=arrays.get("values"),
+                                           timeout_ms=opts.timeout_ms)
         # A residual flow above its exact_dim scores with an unbiased estimate: say so.
         return _encode(call, model, {"log_prob": log_prob}, exact=model.flow.exact_log_prob)
 
     async def sample(self, call: Call) -> Answer:
         opts, arrays = _decode(call, SAMPLE, SampleOptions)
-        model, samples, log_q = await self.draw(opts.model, opts.version, opts.n, seed=opts.seed,
-                                                context=arrays.get("context"),
-                                                timeout_ms=opts.timeout_ms)
-        return _encode(call, model, {"samples": samples, "log_prob": log_q})
+        model, result = await self._draw(opts.model, opts.version, opts.n, seed=opts.seed,
+                                         context=arrays.get("context"),
+                                         timeout_ms=opts.timeout_ms)
+        if model.target is None:
+            return _encode(call, model, {"samples": result[0], "log_prob": result[1]})
+        # A model-language target: constrained samples with named columns, log q there and the
+        # model's log density (service.inference.constrained).
+        samples, log_q, target_log_prob = result
+        return _encode(call, model, {"samples": samples, "log_prob": log_q,
+                                     "target_log_prob": target_log_prob},
+                       columns=model.target.columns)
 
     # ------------------------------------------------------------------ checked runs
     def _check_rows(self, rows: int, what: str) -> None:
@@ -273,14 +288,23 @@ class DataPlane:
             raise PayloadTooLarge(f"{what} has {rows} rows; the limit is {self.settings.max_rows}")
 
     async def score(self, name: str, version: int | None, x: object, context: object = None,
-                    *, timeout_ms: float | None = None) -> tuple[LoadedModel, np.ndarray]:
-        """Score ``x`` (rows × dim) under the model: ``(model, log_prob)``."""
+                    *, values: object = None, timeout_ms: float | None = None
+                    ) -> tuple[LoadedModel, np.ndarray]:
+        """Score ``x`` (rows × dim) under the model: ``(model, log_prob)``. A model fit to a
+        model-language target scores constrained values instead: named ``values`` or rows ``x``
+        (``service.inference.constrained``)."""
         if isinstance(x, list | np.ndarray) and len(x) > self.settings.max_rows:
             self._check_rows(len(x), "x")  # before converting a huge list
         model = await self.cache.get(name, version)
         with self._track(model):
             flow = model.flow
-            x = as_rows(x, "x", flow.dim, _NP_DTYPES[flow.spec["dtype"]])
+            if model.target is not None:
+                x = constrained.values_rows(model.target, values, x)
+            elif values is not None:
+                raise InvalidInput(f"values: model {model.label} was not fit to a model-language "
+                                   f"target; send rows x")
+            else:
+                x = as_rows(x, "x", flow.dim, _NP_DTYPES[flow.spec["dtype"]])
             self._check_rows(x.shape[0], "x")
             ctx = self._context(model, context, x.shape[0])
             return model, await self._run(model, "log_prob", x.shape[0], timeout_ms, x=x,
@@ -289,7 +313,15 @@ class DataPlane:
     async def draw(self, name: str, version: int | None, n: int, *, seed: int | None = None,
                    context: object = None, timeout_ms: float | None = None
                    ) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
-        """``n`` samples and their log density: ``(model, samples, log_prob)``."""
+        """``n`` samples and their log density: ``(model, samples, log_prob)`` (constrained, for a
+        model fit to a model-language target)."""
+        model, result = await self._draw(name, version, n, seed=seed, context=context,
+                                         timeout_ms=timeout_ms)
+        return model, result[0], result[1]
+
+    async def _draw(self, name: str, version: int | None, n: int, *, seed: int | None = None,
+                    context: object = None, timeout_ms: float | None = None
+                    ) -> tuple[LoadedModel, tuple[np.ndarray, ...]]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidInput(f"n must be a positive integer; got {n!r}")
         if n > self.settings.max_sample_n:
@@ -297,9 +329,7 @@ class DataPlane:
         model = await self.cache.get(name, version)
         with self._track(model):
             ctx = self._context(model, context, n)
-            samples, log_q = await self._run(model, "sample", n, timeout_ms, seed=seed,
-                                             context=ctx)
-        return model, samples, log_q
+            return model, await self._run(model, "sample", n, timeout_ms, seed=seed, context=ctx)
 
     def _track(self, model: LoadedModel) -> AbstractContextManager[None]:
         """Triton's per-request counters of ``model`` (success, failure, duration)."""

@@ -57,9 +57,12 @@ def submit_job(db: Database, queue: JobQueue, settings: Settings, *, name: str,
         check_data(rows, dim, context_dim, spec)
         total = check_budget(kind, training, settings, rows)
     elif kind == "variational":
-        checked_target(objective["target"], spec)
+        target = objective["target"]
+        if isinstance(target, dict):  # keys left out stay out (a model's data, derived)
+            target = {k: v for k, v in target.items() if v is not None}
+        checked_target(target, spec)
         total = check_budget(kind, training, settings)
-        stored = {"kind": kind, "target": objective["target"]}
+        stored = {"kind": kind, "target": target}
     else:
         raise InvalidInput(f"objective.kind: expected 'density' or 'variational'; got {kind!r}")
     if parsed is not None:

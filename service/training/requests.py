@@ -163,16 +163,21 @@ def checked_spec(flow: dict[str, Any]) -> dict[str, Any]:
 
 
 def checked_target(target_spec: dict[str, Any], spec: dict[str, Any]) -> targets.Target:
-    """The target of a variational objective (``{"builtin", "options"}`` or an expression),
-    built and evaluated on a few points, so that shape errors between ``z`` and the constants
-    surface now; ``InvalidInput`` (``objective.target: …``) otherwise."""
+    """The target of a variational objective (``{"builtin", "options"}``, an expression, or a
+    model in the model language), built and evaluated on a few points, so that shape errors
+    between ``z`` and the constants surface now; ``InvalidInput`` (``objective.target: …``, then
+    the field and position the target names, e.g. ``log_prob[2]: … at line 1, column 7``)
+    otherwise."""
     try:
         target = targets.from_spec(target_spec)
     except TargetError as e:
         raise InvalidInput(f"objective.target: {e}") from None
     if target.dim != spec["dim"]:
-        raise InvalidInput(f"objective.target: the target has dimension {target.dim}; the flow "
-                           f"has dim {spec['dim']}")
+        what = (f"the model has {target.dim} unconstrained reals ("
+                + ", ".join(f"{p.name}: {p.free}" for p in target.params) + ")"
+                if isinstance(target, targets.ModelTarget)
+                else f"the target has dimension {target.dim}")
+        raise InvalidInput(f"objective.target: {what}; the flow has dim {spec['dim']}")
     if spec["context_dim"]:
         raise InvalidInput("flow.context_dim: variational jobs train unconditional flows; "
                            "use context_dim 0")

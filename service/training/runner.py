@@ -8,6 +8,7 @@ gives the same model wherever it runs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import nfcore
 from nfcore import targets
 
 from ..store import ModelStore
+from ..wire import TARGET_METADATA
 from .requests import DEFAULTS, budgeted, fit_options
 
 __all__ = ["fit", "publish", "diagnostics"]
@@ -59,8 +61,15 @@ def fit(kind: str, spec: dict[str, Any], training: dict[str, Any], *,
 
 def publish(store: ModelStore, name: str, result: nfcore.FitResult, **source: Any) -> int:
     """Write the fitted flow as the next version of ``name``; ``source`` (e.g. the job id and the
-    objective) goes into its metadata beside the training summary. Returns the version."""
-    return store.publish(name, result.flow.cpu(), {"training": result.summary, **source})
+    objective) goes into its metadata beside the training summary. A variational fit's target
+    goes under ``wire.TARGET_METADATA`` as JSON text, its keys in their order (the order of a
+    model's parameters is the layout of ``z``), so that a server rebuilds the target when it loads
+    the model (``service.inference.constrained``). Returns the version."""
+    metadata: dict[str, Any] = {"training": result.summary, **source}
+    target_spec = result.summary.get("target_spec")
+    if isinstance(target_spec, dict):
+        metadata[TARGET_METADATA] = json.dumps(target_spec)
+    return store.publish(name, result.flow.cpu(), metadata)
 
 
 def diagnostics(summary: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -6,10 +6,12 @@ import nfcore
 LAYER_TYPES = sorted(nfcore.LAYER_TYPES)
 PRESETS = sorted(nfcore.PRESETS)
 CONDITIONAL_TYPES = ["affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar", "residual",
-                     "sylvester", "cnf"]
+                     "sylvester", "cnf", "planar", "radial"]
 #: Layer types whose hidden widths the property tests set small, to keep the tests fast.
 _NETWORKED = {"affine_coupling", "maf", "iaf", "nsf_coupling", "nsf_ar", "residual", "sylvester",
               "cnf"}
+#: Layer types with a network only when conditional (the context network).
+_CONTEXT_NETWORKED = {"planar", "radial"}
 #: Layers that invert or integrate numerically: the grid test gives them a coarser grid.
 SOLVED = ("residual", "resflow", "sylvester", "cnf")
 #: The ODE tolerances the property tests run CNFs at (float64), and so check them against.
@@ -59,7 +61,7 @@ def perturb(flow: nfcore.Flow, scale: float = 0.3, seed: int = 0) -> nfcore.Flow
 def layer_spec(kind: str, dim: int = 3, dtype: str = "float64", context_dim: int = 0,
                ode: dict | None = None) -> dict:
     layer = {"type": kind}
-    if kind in _NETWORKED:
+    if kind in _NETWORKED or (kind in _CONTEXT_NETWORKED and context_dim):
         layer["hidden"] = [16, 16]
     if kind == "cnf":
         layer.update(ode or CNF_TOLERANCE)
@@ -70,7 +72,7 @@ def preset_spec(preset: str, dim: int = 3, dtype: str = "float64", context_dim: 
                 ode: dict | None = None) -> dict:
     spec = {"preset": preset, "dim": dim, "context_dim": context_dim, "dtype": dtype,
             "transforms": 3}
-    if preset not in {"planar", "radial"}:
+    if preset not in _CONTEXT_NETWORKED or context_dim:
         spec["hidden"] = [16, 16]
     if preset == "cnf":
         spec.update(ode or CNF_TOLERANCE)

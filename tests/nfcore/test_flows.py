@@ -228,6 +228,35 @@ def test_radial_keeps_beta_at_least_minus_alpha():
     assert beta.item() >= -alpha.item()
 
 
+def test_conditional_planar_and_radial_keep_their_constraints_for_every_context():
+    from nfcore.layers import Planar, Radial
+
+    planar, radial = Planar(3, context_dim=2).double(), Radial(3, context_dim=2).double()
+    with torch.no_grad():
+        for net in (planar.context, radial.context):
+            net[-1].weight.mul_(1000.0)  # let the context push the raw parameters anywhere
+    ctx = 100.0 * _context(256)
+    with torch.no_grad():
+        u_hat, k = planar._u_hat(ctx)
+        alpha, beta = radial._alpha_beta(ctx)
+    assert k.shape == (256,) and (k > -1.0).all()
+    assert k.min() < 0 < k.max()  # the context reaches both sides of the constraint
+    assert alpha.shape == beta.shape == (256,) and (alpha > 0).all() and (beta >= -alpha).all()
+    assert (beta < 0).any() and (beta > 0).any()
+
+
+@pytest.mark.parametrize("kind", ["planar", "radial"])
+def test_amortized_layers_take_a_linear_context_map(kind):
+    flow = nfcore.build({"dim": 3, "context_dim": 4, "dtype": "float64",
+                         "layers": [{"type": kind, "hidden": []}] * 2})
+    assert flow.spec["layers"][0] == {"type": kind, "hidden": [], "activation": "relu"}
+    assert sum(p.numel() for p in flow.layers[0].context.parameters()) == (
+        5 * (2 * 3 + 1 if kind == "planar" else 3 + 2))
+    x, log_q = flow.sample_and_log_prob(8, context=torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(flow.log_prob(x, context=torch.ones(4, dtype=torch.float64)), log_q,
+                          atol=1e-8)
+
+
 def test_standardize_makes_log_prob_in_data_units():
     flow = nfcore.build({"dim": 2, "dtype": "float64",
                          "layers": [{"type": "standardize"}]})
@@ -350,13 +379,15 @@ def test_initialize_sets_spline_knots_from_the_data_only_when_asked(preset):
 #: Every layer and preset of the residual, Sylvester and continuous-time families.
 NEW_CASES = ["layer:residual", "layer:sylvester", "layer:cnf", "preset:resflow",
              "preset:sylvester", "preset:cnf"]
+#: Planar and radial flows whose parameters come from the context (Rezende & Mohamed §6.2).
+AMORTIZED_CASES = ["layer:planar", "layer:radial", "preset:planar", "preset:radial"]
 
 
 def _context(n: int, seed: int = 6) -> torch.Tensor:
     return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("case", NEW_CASES)
+@pytest.mark.parametrize("case", NEW_CASES + AMORTIZED_CASES)
 def test_conditional_inverse_log_det_and_sampling_agree(case):
     flow = make_flow(case, context_dim=2)
     tol = tolerance(case)
@@ -375,7 +406,7 @@ def test_conditional_inverse_log_det_and_sampling_agree(case):
     assert torch.allclose(flow.log_prob(xs, context=ctx[:16]), log_q, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("case", NEW_CASES)
+@pytest.mark.parametrize("case", NEW_CASES + AMORTIZED_CASES)
 def test_conditional_2d_density_integrates_to_one(case):
     flow = make_flow(case, dim=2, context_dim=2, seed=5, scale=0.1,
                      **({"ode": {"rtol": 1e-6, "atol": 1e-7}} if "cnf" in case else {}))
@@ -389,7 +420,7 @@ def test_conditional_2d_density_integrates_to_one(case):
     assert abs(total - 1.0) < 1e-2, total
 
 
-@pytest.mark.parametrize("case", NEW_CASES)
+@pytest.mark.parametrize("case", NEW_CASES + AMORTIZED_CASES)
 @pytest.mark.parametrize("context_dim", [0, 2])
 def test_new_families_round_trip_through_safetensors_and_reject_truncation(case, context_dim,
                                                                            tmp_path):

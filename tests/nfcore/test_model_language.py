@@ -231,7 +231,8 @@ def test_errors_in_derived_quantities_name_them():
     ({"derived": ["a"]}, "derived: expected an object"),
     ({"params": {f"p{i}": {} for i in range(MODEL_LIMITS["params"] + 1)}}, "params: expected"),
     ({"params": {"big": {"shape": [4096, 2]}}}, "unconstrained reals in all"),
-    ({"context": {}}, "model: expected keys"),
+    ({"context": {"x": {"shape": [0]}}}, "context.x.shape: expected a list"),
+    ({"context": {"a": {}}}, "context: 'a' is already a parameter name"),
 ])
 def test_bad_models_raise_target_errors_naming_the_field(change, message):
     spec = {"params": {"a": {"shape": [3]}}, "log_prob": "sum(a)", **change}
@@ -241,7 +242,7 @@ def test_bad_models_raise_target_errors_naming_the_field(change, message):
 
 
 def test_from_spec_names_every_form_when_it_recognises_none():
-    with pytest.raises(TargetError, match="a model {'params', 'data', 'log_prob', 'derived'}"):
+    with pytest.raises(TargetError, match="a model {'params', 'data', 'context', 'log_prob', 'derived'}"):
         from_spec({"log_prob": "0"})
     with pytest.raises(TargetError, match="model: expected keys"):
         from_spec({"params": {"a": {}}})

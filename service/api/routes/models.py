@@ -6,6 +6,7 @@ import io
 from typing import Annotated
 
 import numpy as np
+import torch
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
@@ -14,6 +15,7 @@ import nfcore
 from nfcore import read_info
 
 from ...errors import InvalidInput, NotFound
+from ...inference.constrained import target_of, target_public
 from ...store import NAME_PATTERN, ModelNotFound, ModelStore
 from ...wire import OCTET_STREAM
 from ..deps import (
@@ -32,6 +34,7 @@ from ..schemas import (
     ModelSummary,
     ModelUploaded,
     ModelVersionPublic,
+    TargetPublic,
     diagnostics_of,
 )
 
@@ -57,7 +60,18 @@ def _version_public(store: ModelStore, name: str, version: int) -> ModelVersionP
         hash=info.content_hash, dim=info.spec["dim"],
         context_dim=info.spec.get("context_dim", 0), spec=info.spec, metadata=info.metadata,
         diagnostics=diagnostics_of(info.metadata.get("training")), cost=info.cost,
-        log_prob_exact=info.log_prob_exact, artifact_url=f"/models/{name}/versions/{version}/artifact")
+        log_prob_exact=info.log_prob_exact, target=_target(info.metadata, info.spec["dim"]),
+        artifact_url=f"/models/{name}/versions/{version}/artifact")
+
+
+def _target(metadata: dict, dim: int) -> TargetPublic | None:
+    """The model-language target of a version, when it has one that builds (a stored target that
+    does not is reported by loading the model, not here)."""
+    try:
+        target = target_of(metadata, dim)
+    except nfcore.NFCoreError:
+        return None
+    return None if target is None else TargetPublic(**target_public(target))
 
 
 def _check_name(store: ModelStore, name: str) -> None:
@@ -143,6 +157,11 @@ async def create_model(
             flow = nfcore.loads(body)
         except nfcore.ArtifactError as e:
             raise InvalidInput(f"Malformed model upload: {e}") from None
+        try:  # a model-language target in its metadata must rebuild, as the cache will
+            target_of(flow.metadata, flow.dim)
+        except nfcore.NFCoreError as e:
+            raise InvalidInput(f"Malformed model upload: its target cannot be rebuilt: {e}"
+                               ) from None
         return store.publish_bytes(name, body, version=version), flow, read_info(body).content_hash
 
     v, flow, content_hash = await run_in_threadpool(validate_and_store)
@@ -165,12 +184,18 @@ async def read_model_plot(
     grid: Annotated[int, Query(ge=16, le=400, description="Density grid points per axis.")] = 200,
     seed: Annotated[int, Query(ge=0, description="Seed of the samples.")] = 0,
 ) -> Response:
-    """A picture of a 2-D model: its density as a heat map, with samples on top."""
+    """A picture of a 2-D model: its density as a heat map, with samples on top (for a model fit
+    to a model-language target of two parameter columns, in its constrained space)."""
     loaded = await plane.cache.get(name, version)
     if loaded.flow.dim != 2 or loaded.flow.context_dim != 0:
         raise InvalidInput(f"Plots are for unconditional 2-D models; model {loaded.label} has "
                            f"dim {loaded.flow.dim} and context_dim {loaded.flow.context_dim}")
+    target = loaded.target  # a model-language fit: its two constrained parameters
+    if target is not None and len(target.param_columns) != 2:
+        raise InvalidInput(f"Plots are for models of two parameter columns; model {loaded.label} "
+                           f"has {target.param_columns}")
     _, samples, _ = await plane.draw(name, loaded.version, n, seed=seed)
+    samples = samples[:, :2]
     lo = np.percentile(samples, 0.5, axis=0)
     hi = np.percentile(samples, 99.5, axis=0)
     pad = 0.15 * (hi - lo) + 1e-3
@@ -178,7 +203,14 @@ async def read_model_plot(
     xs = np.linspace(lo[0], hi[0], grid)
     ys = np.linspace(lo[1], hi[1], grid)
     points = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
-    _, log_prob = await plane.score(name, loaded.version, points)
+    if target is None:
+        _, log_prob = await plane.score(name, loaded.version, points)
+    else:  # zero density outside the support (below a lower bound, say)
+        inside = await run_in_threadpool(
+            lambda: target.in_support(torch.from_numpy(points)).numpy())
+        log_prob = np.full(len(points), -np.inf)
+        if inside.any():
+            log_prob[inside] = (await plane.score(name, loaded.version, points[inside]))[1]
     density = np.exp(log_prob.reshape(grid, grid))
     png = await run_in_threadpool(_render, density, samples, (lo, hi), loaded.label)
     return Response(png, media_type="image/png")

@@ -42,12 +42,13 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_each_family_is_served_with_its_cost_and_exactness(families: Server, name: str) -> None:
     spec, cost = FAMILIES[name]
-    version = httpx.get(f"{families.url}/models/{name}").json()["versions"][0]
+    version = httpx.get(f"{families.url}/models/{name}", timeout=60).json()["versions"][0]
     assert version["cost"] == cost
     exact = name != "resflow_estimate"
     assert version["log_prob_exact"] is exact
     x = np.random.default_rng(0).normal(size=(40, 2))
-    r = httpx.post(f"{families.url}/log_prob", json={"model": name, "x": x.tolist()})
+    r = httpx.post(f"{families.url}/log_prob", json={"model": name, "x": x.tolist()},
+                   timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["exact"] is exact
     with torch.no_grad():
@@ -55,13 +56,15 @@ def test_each_family_is_served_with_its_cost_and_exactness(families: Server, nam
         want = flow.log_prob(torch.as_tensor(x, dtype=flow.dtype)).numpy()
     if exact:  # an estimate is random, and its own test is in tests/nfcore
         np.testing.assert_allclose(r.json()["log_prob"], want, rtol=1e-4, atol=1e-4)
-    r = httpx.post(f"{families.url}/sample", json={"model": name, "n": 30, "seed": 1})
+    r = httpx.post(f"{families.url}/sample", json={"model": name, "n": 30, "seed": 1},
+                   timeout=60)
     assert r.status_code == 200, r.text
     samples, log_q = np.array(r.json()["samples"]), np.array(r.json()["log_prob"])
     assert samples.shape == (30, 2) and np.isfinite(log_q).all()
     if exact:  # sampling and scoring agree, to the solvers' tolerance
         again = httpx.post(f"{families.url}/log_prob", json={"model": name,
-                                                           "x": samples.tolist()}).json()
+                                                           "x": samples.tolist()},
+                            timeout=60).json()
         np.testing.assert_allclose(again["log_prob"], log_q, rtol=1e-3, atol=1e-3)
 
 
