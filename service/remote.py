@@ -141,7 +141,7 @@ class RemoteFlow(Distribution):
             raise ValueError(f"Expected events of shape ({dim},); got a value of shape "
                              f"{tuple(value.shape)}")
         lead = value.shape[:-1]
-        rows = value.detach().cpu().reshape(-1, dim).numpy()
+        rows = np.ascontiguousarray(value.detach().cpu().reshape(-1, dim).numpy())
         if rows.shape[0] == 0:
             return torch.zeros(lead, dtype=self.dtype)
         out = self.client.log_prob(self.model, rows, context=self.context,
@@ -162,7 +162,8 @@ class RemoteFlow(Distribution):
             seed = int(self._seeds.integers(0, 2**62))
         samples, log_q = self.client.sample(self.model, n, seed=seed, context=self.context,
                                             version=self.version)
-        samples = np.asarray(samples)[:, :dim]  # a model-language fit: parameters, not derived
+        # A model-language fit answers its parameters, then derived quantities: keep the former.
+        samples = np.ascontiguousarray(np.asarray(samples)[:, :dim])
         return (torch.as_tensor(samples, dtype=self.dtype).reshape(*shape, dim),
                 torch.as_tensor(np.asarray(log_q), dtype=self.dtype).reshape(shape))
 

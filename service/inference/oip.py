@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidInput
 from ..store import ModelVersionInfo
+from . import constrained
 from .protocol import DataPlane, validation_message
 
 __all__ = ["HEADER_LENGTH", "InferRequest", "InferResponse", "InferParameters", "TensorInput",
@@ -325,15 +326,20 @@ async def infer(plane: DataPlane, name: str, version: int | None, body: bytes,
 
 
 def model_metadata(info: ModelVersionInfo, versions: list[int]) -> ModelMetadata:
-    """The metadata of one version (``versions``: every version of the model)."""
+    """The metadata of one version (``versions``: every version of the model). A model fit to a
+    model-language target takes and answers its constrained columns: ``x`` has its parameter
+    columns, ``samples`` every column (parameters, then derived quantities)."""
     spec = info.spec
     dim, context_dim = spec["dim"], spec.get("context_dim", 0)
     dtype = _OIP_NAME.get(spec.get("dtype", "float32"), "FP32")
-    inputs = [TensorMetadata(name="x", datatype=dtype, shape=[-1, dim])]
+    target = constrained.target_of(info.metadata, dim)
+    x_dim = len(target.param_columns) if target is not None else dim
+    out_dim = len(target.columns) if target is not None else dim
+    inputs = [TensorMetadata(name="x", datatype=dtype, shape=[-1, x_dim])]
     if context_dim:
         inputs.append(TensorMetadata(name="context", datatype=dtype, shape=[-1, context_dim]))
     outputs = [TensorMetadata(name="log_prob", datatype=dtype, shape=[-1]),
-               TensorMetadata(name="samples", datatype=dtype, shape=[-1, dim])]
+               TensorMetadata(name="samples", datatype=dtype, shape=[-1, out_dim])]
     return ModelMetadata(
         name=info.name, versions=[str(v) for v in versions], platform="nfserve", inputs=inputs,
         outputs=outputs, parameters={"version": str(info.version), "dim": dim,

@@ -136,10 +136,9 @@ def _metadata(store: ModelStore, name: str, version: int | None) -> ModelMetadat
     if not versions:
         raise NotFound(f"Unknown model {name!r}; GET /models lists the models")
     try:
-        info = store.info(name, store.resolve(name, version))
-    except nfcore.ArtifactError as e:
+        return model_metadata(store.info(name, store.resolve(name, version)), versions)
+    except nfcore.NFCoreError as e:  # its file, or its stored target, is unreadable
         raise ModelUnavailable(f"Model {name!r} cannot be read: {e}") from None
-    return model_metadata(info, versions)
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=_ERRORS,

@@ -5,17 +5,21 @@ accepted most of the time, where a model fit to nothing is not."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import torch
 from torch.distributions import constraints
 
 import nfcore
+from nfcore import targets
 from service.client import Client
 from service.remote import RemoteFlow, support_of
-from tests.service.conftest import ROOT, Server
+from tests.service.conftest import ROOT, Server, write_model
+from tests.service.inference.test_constrained import COLUMNS, FLOW, MODEL
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +118,21 @@ def test_independence_metropolis_hastings_on_u1(nf: Client) -> None:
     poor = RemoteFlow(nf, "tiny", dtype=torch.float64)  # random weights, not fit to U1
     poor_rate, _ = _independence_mh(poor, log_p, 2000, seed=0)
     assert poor_rate < rate - 0.2, (poor_rate, rate)
+
+
+def test_constrained_model_over_oip_and_as_a_distribution(nf: Client, server: Server) -> None:
+    """A model fit to a model-language target (mu real, sigma > 0, derived var and resid): OIP
+    metadata gives its constrained columns, and RemoteFlow is a distribution over its parameter
+    columns with sigma's bound as its support."""
+    if not (server.models_dir / "posterior").exists():
+        write_model(server.models_dir, "posterior", FLOW,
+                    metadata={"target": json.dumps(targets.from_spec(MODEL).spec)})
+    meta = httpx.get(server.url + "/v2/models/posterior").json()
+    shapes = {t["name"]: t["shape"] for t in meta["inputs"] + meta["outputs"]}
+    assert shapes["x"] == [-1, 2] and shapes["samples"] == [-1, len(COLUMNS)]
+    q = RemoteFlow(nf, "posterior", dtype=torch.float64)
+    assert q.event_shape == (2,) and q.columns == ["mu", "sigma"]
+    x, log_q = q.sample_and_log_prob((200,), seed=0)
+    assert (x[:, 1] > 0).all() and q.support.check(x).all()
+    assert not q.support.check(torch.tensor([[0.0, -1.0]])).any()
+    torch.testing.assert_close(q.log_prob(x), log_q, rtol=1e-3, atol=1e-3)
