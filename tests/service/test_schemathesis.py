@@ -10,10 +10,11 @@ that fuzzing gets accepted cost nothing. The demo model ``two_moons`` is in its 
 schema's own examples reach the inference logic. Slow operations (the plot, uploads) get fewer
 cases than the rest. It runs with a fixed seed and within a bounded time (``MAX_SECONDS``).
 
-Cost: the fuzzer's case generation is single-threaded Python, about 30 ms of CPU a case here, so
-its ~5,200 cases take ~2.5-3 min on two idle cores (the server uses the other core). On the
-shared development machine (load average 7-10 on 2 cores) the same run took 7-10 min, so the
-bound is generous; the test prints its own figures (``-s``). One worker: with two (threads),
+Cost, measured on the shared 2-core development machine at a load average of 7-9: 6,320 cases in
+565 s wall, of which 279 s were the fuzzer's own CPU (its case generation is single-threaded
+Python, ~45 ms a case there); on two idle cores that is about 4-5 min, the server using the other
+core. The bound (``MAX_SECONDS``) is generous for loaded machines; the test prints its own
+figures (``-s``). Fewer ``max-examples`` per operation shorten it, down to the 5,000-case floor. One worker: with two (threads),
 hypothesis's lambda descriptions once raced in CPython 3.11's ``ast.parse`` ("AST constructor
 recursion depth mismatch"), an error of the fuzzer, not of the service.
 """
