@@ -315,7 +315,7 @@ def report(result: dict, clients: int, duration: float, bucket: float, command: 
         f"- Load average (1, 5, 15 min): {l1:.1f}, {l5:.1f}, {l15:.1f} at the start; {e1:.1f}, "
         f"{e5:.1f}, {e15:.1f} at the end (the load generator shares the machine).",
         "",
-        "Per minute (latencies of successful requests, ms):",
+        f"Per {bucket:g} s (latencies of successful requests, ms):",
         "",
         markdown_table(["minutes", "requests", "errors", "req/s", "p50 ms", "p99 ms"], rows),
         "",
