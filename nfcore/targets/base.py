@@ -377,13 +377,9 @@ class _AtContext(Target):
     def __init__(self, parent: Target, context: Tensor):
         self.parent = parent
         self.context = context
-        spec = None
-        if parent.spec is not None:
-            spec = {"conditional": parent.spec, "context": context[0].tolist()}
         super().__init__(f"{parent.name}|context", parent.dim,
                          lambda z: parent.log_prob(z, self.context), log_z=None,
                          description=parent.description, spec=None)
-        self.context_spec = spec
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -97,9 +97,11 @@ def pooled_start(target: Target, contexts: Tensor, seed: int, max_seconds: float
 
 def summarize_contexts(reports: list[dict[str, Any]], contexts: Tensor, held_out: bool
                        ) -> dict[str, Any]:
-    """Per-context diagnostics (``evaluate_target``'s ``diagnostics``) summarized: k̂'s median and
-    maximum, the ESS fraction's median and minimum, the count of each verdict, the share ``ok``,
-    an overall verdict with its reasons, the worst context and each context's figures."""
+    """Per-context diagnostics (``evaluate_target``'s ``diagnostics``) summarized in the shape of
+    a single fit's: ``pareto_k`` is the largest k̂ over the contexts and ``ess_fraction`` the
+    smallest (the worst context's), with ``pareto_k_median`` and ``ess_fraction_median`` beside
+    them; the count of each verdict, the share ``ok``, an overall verdict with its reasons, the
+    worst context and each context's figures."""
     diags = [r["diagnostics"] for r in reports]
     ks = [d["pareto_k"] if d["pareto_k"] is not None else math.inf for d in diags]
     ess = [d["ess_fraction"] for d in diags]
@@ -127,8 +129,11 @@ def summarize_contexts(reports: list[dict[str, Any]], contexts: Tensor, held_out
     return {
         "contexts": n,
         "held_out": held_out,
-        "pareto_k": {"median": fin(statistics.median(ks)), "max": fin(max(ks))},
-        "ess_fraction": {"median": round(statistics.median(ess), 6), "min": round(min(ess), 6)},
+        # the worst context's, in the shape of a single fit's diagnostics; medians beside them
+        "pareto_k": fin(max(ks)),
+        "pareto_k_median": fin(statistics.median(ks)),
+        "ess_fraction": round(min(ess), 6),
+        "ess_fraction_median": round(statistics.median(ess), 6),
         "verdicts": counts,
         "ok_share": round(share, 6),
         "verdict": overall,
@@ -136,7 +141,8 @@ def summarize_contexts(reports: list[dict[str, Any]], contexts: Tensor, held_out
         "worst": {"index": worst, "context": [round(float(v), 6) for v in contexts[worst][:64]],
                   **diags[worst]},
         "per_context": [{"pareto_k": d["pareto_k"], "ess_fraction": d["ess_fraction"],
-                         "verdict": d["verdict"]} for d in diags],
+                         "moment_shift": d.get("moment_shift"), "verdict": d["verdict"]}
+                        for d in diags],
     }
 
 
@@ -153,7 +159,7 @@ def evaluate_contexts(flow: Flow, target: Target, contexts: Tensor, n: int, seed
     summary = summarize_contexts(reports, contexts, held_out)
     elbos = [r["elbo"] for r in reports]
     return {"elbo": statistics.fmean(elbos) if all(map(math.isfinite, elbos)) else None,
-            "ess_fraction": summary["ess_fraction"]["median"], "ess_samples": per,
+            "ess_fraction": summary["ess_fraction_median"], "ess_samples": per,
             "diagnostics": summary}
 
 

@@ -164,6 +164,13 @@ def _laplace(log_p: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tens
     return mean, factor, float(-0.5 * lam.log().sum())
 
 
+def elbo_margin(dim: int) -> float:
+    """How far (nats) below the best ELBO a start candidate may be and still compete on its bound
+    on log Z: ``10 + 2 dim``. A wider, covering Gaussian than the best-ELBO one costs some nats of
+    ELBO; one that puts most draws where the target is negligible costs far more."""
+    return 10.0 + 2.0 * dim
+
+
 def pathfinder(
     target: Target,
     *,
@@ -176,7 +183,8 @@ def pathfinder(
     """The best Gaussian approximation of ``target`` along an L-BFGS path, next to ``N(0, I)``;
     ``None`` when no point of finite ``log p~`` is found.
 
-    "Best" is the highest lower confidence bound on ``log Z`` from importance sampling with the same
+    "Best" is, among the candidates whose ELBO is within ``elbo_margin(dim)`` of the best ELBO,
+    the highest lower confidence bound on ``log Z`` from importance sampling with the same
     draws for every candidate: the estimate ``log mean(w)`` less twice its relative standard error,
     ``sqrt(1/ESS - 1/draws)``. The estimate prefers approximations that cover the target's mass,
     and the bound keeps a wide one whose estimate rests on a draw or two from winning by luck.
@@ -234,7 +242,7 @@ def pathfinder(
 
     eye = torch.eye(dim, dtype=torch.float64)
     zero = torch.zeros(dim, dtype=torch.float64)
-    best, best_mean, best_factor, chosen = score(zero, eye, 0.0), zero, eye, -1
+    candidates = [(score(zero, eye, 0.0), zero, eye, -1)]
     n = len(path)
     picks = list(range(n - 1, max(n - 1 - max_candidates // 2, -1), -1))
     spread = torch.linspace(0, n - 1, max_candidates - len(picks)).round().long().tolist()
@@ -248,9 +256,14 @@ def pathfinder(
         if laplace is None:
             continue
         mean, factor, logdet = laplace
-        value = score(mean, factor, logdet)
-        if value[0] > best[0]:
-            best, best_mean, best_factor, chosen = value, mean, factor, i
+        candidates.append((score(mean, factor, logdet), mean, factor, i))
+    # Only candidates whose ELBO is within ELBO_MARGIN(dim) nats of the best compete on the bound:
+    # a Gaussian far wider than the target (a Newton step from an early iterate, where the
+    # curvature is nearly flat) can estimate log Z well from a few lucky draws while most of its
+    # draws sit where the target is astronomically small (on eight schools: an ELBO of -5e14).
+    top_elbo = max(value[2] for value, *_ in candidates)
+    eligible = [c for c in candidates if c[0][2] >= top_elbo - elbo_margin(dim)] or candidates
+    best, best_mean, best_factor, chosen = max(eligible, key=lambda c: c[0][0])
     finite_values = [v for v in values if math.isfinite(v)]
     info = {"method": "pathfinder", "iterations": n - 1, "candidates": tried,
             "chosen": "N(0, I)" if chosen < 0 else f"iterate {chosen} of {n - 1}",

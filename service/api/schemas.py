@@ -82,9 +82,10 @@ class LogProbRequest(LogProbOptions):
         "of shape (N, *shape) per parameter (all parameters, N rows each).",
         examples=[{"mu": [4.1, 3.2], "tau": [2.5, 0.8],
                    "theta_tilde": [[0.1] * 8, [-0.3] * 8]}])
-    context: list[list[float]] | list[float] | None = Field(
+    context: list[list[float]] | list[float] | dict[str, Any] | None = Field(
         None, description="Conditioning values for a conditional model: one row per point, or one "
-                          "row for all points.", examples=[None])
+                          "row for all points; for a model with a 'context' block, also named "
+                          "values {name: value}.", examples=[None])
 
 
 class LogProbResponse(BaseModel):
@@ -105,9 +106,10 @@ class SampleRequest(SampleOptions):
     the query string and, for a conditional model, a safetensors body with the tensor
     ``context``."""
 
-    context: list[list[float]] | list[float] | None = Field(
-        None, description="Conditioning values for a conditional model: n rows, or one row.",
-        examples=[None])
+    context: list[list[float]] | list[float] | dict[str, Any] | None = Field(
+        None, description="Conditioning values for a conditional model: n rows, or one row; for "
+                          "a model with a 'context' block (an amortized posterior), also named "
+                          "values {name: value}.", examples=[None])
 
 
 class SampleResponse(BaseModel):
@@ -400,6 +402,10 @@ class ModelLanguageTarget(BaseModel):
     derived: dict[str, str] | None = Field(None, description="Name -> expression computed per "
                                            "sample and returned with the samples; not part of "
                                            "the density.", examples=[EIGHT_SCHOOLS["derived"]])
+    context: dict[str, Any] | None = Field(None, description="Observed values that change from "
+                                           "one fit to the next (amortized fits): name -> "
+                                           "{shape}; a context row is their values flattened "
+                                           "in this order.", examples=[None])
 
 
 def _target_kind(value: Any) -> str:
@@ -426,6 +432,10 @@ class VariationalObjective(BaseModel):
         description="The unnormalized log density: {builtin}, {dim, log_prob, constants} over z, "
                     "or a model {params, data, log_prob, derived}.",
         examples=[{"builtin": "U1"}, EIGHT_SCHOOLS])
+    contexts: Any = Field(None, description="For a model with a 'context' block (an amortized "
+                          "fit, with a flow of that context_dim): context rows inline [[…], …] "
+                          "or {\"dataset\": id}, whose columns are the context rows.",
+                          examples=[None])
 
 
 Objective = Annotated[DensityObjective | VariationalObjective, Field(discriminator="kind")]

@@ -175,9 +175,12 @@ def wrap(run: Run, flow: nfcore.Flow, target: targets.Target) -> Run:
 
     def sample(batch: list[Pending]) -> list[Any]:
         out = []
-        for z, log_q in run(batch):
+        for p, (z, log_q) in zip(batch, run(batch), strict=True):
+            # an amortized posterior: the model's density at this request's context
+            context = None if p.context is None else torch.from_numpy(p.context).double()
             with torch.inference_mode():
-                d = target.draws(torch.from_numpy(z).double(), torch.from_numpy(log_q).double())
+                d = target.draws(torch.from_numpy(z).double(), torch.from_numpy(log_q).double(),
+                                 context)
             out.append((d.samples.numpy(), d.log_prob.numpy(), d.target_log_prob.numpy()))
         return out
 

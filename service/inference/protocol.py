@@ -345,6 +345,11 @@ class DataPlane:
         if context is None:
             raise InvalidInput(f"Model {model.label} needs a context of shape "
                                f"({rows}, {flow.context_dim}) or ({flow.context_dim},)")
+        if isinstance(context, dict):  # named values of a model's 'context' block
+            if model.target is None or not model.target.context_dim:
+                raise InvalidInput(f"context: model {model.label} has no named context values; "
+                                   "send rows")
+            context = model.target.pack_context(context).numpy()
         ctx = as_rows(context, "context", flow.context_dim, _NP_DTYPES[flow.spec["dtype"]],
                       allow_single=True)
         if ctx.shape[0] not in (1, rows):

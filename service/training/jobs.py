@@ -60,13 +60,17 @@ def submit_job(db: Database, queue: JobQueue, settings: Settings, *, name: str,
         target = objective["target"]
         if isinstance(target, dict):  # keys left out stay out (a model's data, derived)
             target = {k: v for k, v in target.items() if v is not None}
-        checked_target(target, spec)
+        checked = checked_target(target, spec)
         total = check_budget(kind, training, settings)
         stored = {"kind": kind, "target": target}
+        contexts = objective.get("contexts")
+        if contexts is not None or checked.context_dim:
+            stored["contexts"], parsed = _contexts(db, checked.context_dim, contexts)
     else:
         raise InvalidInput(f"objective.kind: expected 'density' or 'variational'; got {kind!r}")
     if parsed is not None:
-        stored["dataset"] = save_dataset(db, settings.data_dir, parsed, filename="inline").id
+        saved = save_dataset(db, settings.data_dir, parsed, filename="inline").id
+        stored["contexts" if kind == "variational" else "dataset"] = saved
     job = JobRecord(id=new_id("job"), name=name, kind=kind, status=JobStatus.QUEUED, spec=spec,
                     objective=stored, training=training, total=total, step=0)
     with db.session() as s:
@@ -79,6 +83,36 @@ def submit_job(db: Database, queue: JobQueue, settings: Settings, *, name: str,
                       error=f"The queue was unreachable at submission: {e}")
         raise Overloaded(f"The job queue is unreachable ({type(e).__name__}); try again") from None
     return job
+
+
+def _contexts(db: Database, context_dim: int, contexts: Any) -> tuple[str | None, Any]:
+    """The contexts of an amortized variational job: ``(dataset id, None)`` for ``{"dataset":
+    id}``, ``(None, parsed rows)`` for inline rows (saved as a dataset once every check has
+    passed); ``InvalidInput`` naming ``objective.contexts`` otherwise."""
+    if not context_dim:
+        raise InvalidInput("objective.contexts: the target has no 'context' block; contexts are "
+                           "for amortized fits of a model with one")
+    if contexts is None:
+        raise InvalidInput(f"objective.contexts: the model has a 'context' block (rows of "
+                           f"{context_dim} numbers); give the contexts to fit over, inline "
+                           "[[...], ...] or {'dataset': id}")
+    if isinstance(contexts, dict):
+        if set(contexts) != {"dataset"}:
+            raise InvalidInput("objective.contexts: expected rows [[...], ...] or "
+                               f"{{'dataset': id}}; got keys {sorted(map(str, contexts))}")
+        dataset = db.get_dataset(contexts["dataset"])
+        if dataset is None:
+            raise InvalidInput(f"objective.contexts.dataset: unknown dataset "
+                               f"{contexts['dataset']!r}; upload one with POST /datasets")
+        if dataset.dim != context_dim or dataset.context_dim:
+            raise InvalidInput(f"objective.contexts.dataset: its rows have {dataset.dim} columns; "
+                               f"the model's context rows have {context_dim} numbers")
+        return dataset.id, None
+    parsed = parse_inline(contexts, what="objective.contexts")
+    if parsed.dim != context_dim:
+        raise InvalidInput(f"objective.contexts: rows of {parsed.dim} numbers; the model's "
+                           f"context rows have {context_dim}")
+    return None, parsed
 
 
 T = TypeVar("T")

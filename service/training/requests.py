@@ -178,14 +178,19 @@ def checked_target(target_spec: dict[str, Any], spec: dict[str, Any]) -> targets
                 if isinstance(target, targets.ModelTarget)
                 else f"the target has dimension {target.dim}")
         raise InvalidInput(f"objective.target: {what}; the flow has dim {spec['dim']}")
-    if spec["context_dim"]:
-        raise InvalidInput("flow.context_dim: variational jobs train unconditional flows; "
-                           "use context_dim 0")
+    if spec["context_dim"] != target.context_dim:
+        raise InvalidInput(
+            f"flow.context_dim: the model's context rows have {target.context_dim} numbers "
+            f"({', '.join(target.context_columns[:6])}); the flow has context_dim "
+            f"{spec['context_dim']}" if target.context_dim else
+            "flow.context_dim: variational jobs on a target without a 'context' block train "
+            "unconditional flows; use context_dim 0")
     z = torch.randn(4, target.dim, generator=torch.Generator().manual_seed(0),
                     dtype=torch.float64 if spec["dtype"] == "float64" else torch.float32)
+    context = [0.0] * target.context_dim if target.context_dim else None
     try:
         with torch.no_grad():
-            out = target.log_prob(z)
+            out = target.log_prob(z, context)
     except (TargetError, RuntimeError, ValueError, IndexError, TypeError) as e:
         raise InvalidInput(f"objective.target: log_prob fails on test points of shape "
                            f"(4, {target.dim}): {e}") from None

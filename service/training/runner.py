@@ -29,9 +29,10 @@ def fit(kind: str, spec: dict[str, Any], training: dict[str, Any], *,
         data: tuple[Any, Any] | None = None, target: targets.Target | None = None,
         device: str = "cpu", callback: Callable[[nfcore.Progress], Any] | None = None,
         should_stop: Callable[[], bool] | None = None, checkpoint: Path | None = None,
-        checkpoint_every_s: float = 5.0) -> nfcore.FitResult:
+        checkpoint_every_s: float = 5.0, contexts: Any = None) -> nfcore.FitResult:
     """Fit a new flow of ``spec`` by ``kind`` (``density`` on ``data = (x, context)``, or
-    ``variational`` against ``target``) with the ``training`` options given.
+    ``variational`` against ``target``, amortized over ``contexts`` rows when given) with the
+    ``training`` options given.
 
     Arguments:
         callback: gets each ``Progress``, as a client should read it (``requests.budgeted``).
@@ -56,6 +57,8 @@ def fit(kind: str, spec: dict[str, Any], training: dict[str, Any], *,
     if target is None:
         raise ValueError("Expected a target for a variational fit; got None")
     with torch.enable_grad():  # a worker thread may start in inference mode
+        if contexts is not None:  # amortized: a conditional flow over these contexts
+            common["contexts"] = contexts
         return nfcore.fit_target(flow, target, **options, **common)
 
 

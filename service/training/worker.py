@@ -213,7 +213,14 @@ class JobRunner:
             data = load_dataset(self.settings.data_dir, row)
         else:
             target = targets.from_spec(job.objective["target"])
+        contexts = None
+        if job.objective.get("contexts"):  # an amortized fit: the dataset's rows are contexts
+            row = self.db.get_dataset(job.objective["contexts"])
+            if row is None:
+                raise LookupError(f"Dataset {job.objective['contexts']!r} no longer exists")
+            contexts = load_dataset(self.settings.data_dir, row)[0]
         return runner.fit(job.kind, job.spec, job.training, data=data, target=target,
+                          contexts=contexts,
                           device=self.settings.resolved_device, callback=monitor.progress,
                           should_stop=monitor.should_stop, checkpoint=ckpt,
                           checkpoint_every_s=self.settings.checkpoint_every_s)

@@ -165,8 +165,16 @@ def test_amortized_fit_reports_diagnostics_at_held_out_contexts(amortized_fit):
     diag = summary["diagnostics"]
     assert diag["held_out"] is True and diag["contexts"] == 20
     assert len(diag["per_context"]) == 20
-    assert diag["pareto_k"]["median"] <= diag["pareto_k"]["max"] < 0.7
-    assert diag["verdict"] == "ok" and diag["ok_share"] >= 0.9, diag
+    assert diag["pareto_k_median"] <= diag["pareto_k"] < 0.7
+    assert diag["ess_fraction"] <= diag["ess_fraction_median"]
+    # Within the tolerances above (0.15 sd), not always within 0.05: a context whose raw samples
+    # are further off than that is flagged for that, and for nothing else.
+    assert diag["verdict"] in ("ok", "check"), diag
+    for context in diag["per_context"]:
+        assert (context["verdict"] == "ok") == (context["moment_shift"] <= 0.05), context
+        assert context["moment_shift"] < 0.2, context
+    if diag["verdict"] == "check":
+        assert all("moves a mean or an sd" in r for r in diag["reasons"][1:]), diag["reasons"]
     assert summary["start"]["pooled"] == 2
 
 
@@ -190,7 +198,7 @@ def test_overall_verdict_counts_the_contexts():
 
     contexts = torch.zeros(10, 2)
     ok = summarize_contexts([report(0.1, "ok")] * 9 + [report(0.8, "check")], contexts, True)
-    assert ok["verdict"] == "ok" and ok["ok_share"] == 0.9 and ok["pareto_k"]["max"] == 0.8
+    assert ok["verdict"] == "ok" and ok["ok_share"] == 0.9 and ok["pareto_k"] == 0.8
     check = summarize_contexts([report(0.1, "ok")] * 9 + [report(1.2, "unreliable")], contexts,
                                True)
     assert check["verdict"] == "check" and check["worst"]["index"] == 9
@@ -281,3 +289,16 @@ def test_specs_without_an_embedding_are_unchanged():
     assert "embedding" not in spec
     assert nfcore.build(spec).embedding is None
     assert math.isfinite(float(nfcore.build(spec).log_prob(torch.zeros(1, 2), [[0.0]])[0]))
+
+
+def test_embedded_flow_agrees_with_itself_past_the_lean_paths_row_blocks():
+    flow = perturb(nfcore.build({"preset": "realnvp", "dim": 3, "context_dim": 4, "hidden": [8],
+                                 "dtype": "float64",
+                                 "embedding": {"features": 2, "hidden": [8]}}))
+    n = flow.block_rows + 100
+    c = torch.randn(n, 4, dtype=torch.float64)
+    with torch.no_grad():
+        x, log_q = flow.sample_and_log_prob(n, context=c)
+        assert torch.allclose(flow.log_prob(x, c), log_q, atol=1e-8)
+    # the autograd path (no row blocks) gives the same
+    assert torch.allclose(flow.log_prob(x[-5:], c[-5:]).detach(), log_q[-5:], atol=1e-8)

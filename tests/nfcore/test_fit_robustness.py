@@ -155,16 +155,42 @@ def test_diagnostics_are_in_the_summary_with_every_field():
     ({"missing_mass": 0.1}, "check", "misses about 10%"),
     ({"missing_mass": 0.5}, "unreliable", "misses"),
     ({"outside_support": 0.001}, "check", "density is zero"),
+    ({"moment_shift": 0.08}, "check", "moves a mean or an sd of q's samples by 0.08"),
+    ({"moment_shift": 0.9}, "unreliable", "raw samples are about that far off"),
 ])
 def test_verdict_thresholds(change, expected, words):
     good = {"pareto_k": 0.3, "max_weight": 3.0, "ess_fraction": 0.95, "tail_fraction": 0.0,
-            "missing_mass": 0.0, "outside_support": 0.0}
+            "missing_mass": 0.0, "outside_support": 0.0, "moment_shift": 0.01}
     level, reasons = verdict({**good, **change})
     assert level == expected
     assert (reasons == []) == (words is None)
     if words:
         assert any(words in reason for reason in reasons), reasons
     assert THRESHOLDS["pareto_k"][1] == 0.7
+
+
+@pytest.mark.parametrize(("loc", "scale"), [(0.0, 1.0), (1000.0, 1e-3), (-1000.0, 1e3)])
+@pytest.mark.parametrize(("mean_off", "sd_ratio", "shift"), [
+    (0.0, 1.0, 0.0),  # q is the target: weighting moves nothing
+    (0.0, 1.08, 0.08),  # q's sd 8 % too narrow: an ESS of 99 %, which no ESS threshold flags
+    (0.1, 1.0, 0.1),  # q's mean 0.1 sd off
+])
+def test_moment_shift_measures_how_far_raw_samples_are_off(loc, scale, mean_off, sd_ratio, shift):
+    """q = N(loc, scale^2 I) (an actnorm); the target differs in the first column's mean or sd. The
+    weighted moments are the target's, so the shift is the raw samples' error, at any scale."""
+    flow = nfcore.build({"dim": 2, "layers": [{"type": "actnorm"}]}).double()
+    with torch.no_grad():
+        flow.layers[0].loc.fill_(loc)
+        flow.layers[0].log_scale.fill_(math.log(scale))
+    mean = np.array([loc + mean_off * scale, loc])
+    sd = np.array([sd_ratio * scale, scale])
+    report = nfcore.train.evaluate_target(flow, gaussian_target(mean, np.diag(sd**2)), 20_000)
+    diagnostics = report["diagnostics"]
+    assert diagnostics["moment_shift"] == pytest.approx(shift, abs=0.012)
+    assert (diagnostics["verdict"] == "ok") == (shift == 0.0), diagnostics["reasons"]
+    if shift:
+        assert diagnostics["ess_fraction"] > 0.95
+        assert any("moves a mean or an sd" in reason for reason in diagnostics["reasons"])
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.0, 5.0])
