@@ -38,8 +38,9 @@ from .wire import JSON, LOG_PROB, OCTET_STREAM, SAMPLE, STATUS, ErrorKind, JobSt
 
 __all__ = [
     "Client", "AsyncClient", "Draws", "NFServeError", "InvalidInput", "NotFound", "Conflict",
-    "PayloadTooLarge", "Unauthorized", "Forbidden", "Overloaded", "ServerError",
+    "PayloadTooLarge", "Unauthorized", "Forbidden", "Overloaded", "DeadlineExceeded", "ServerError",
 ]
+
 
 # ---------------------------------------------------------------------------------- errors
 class NFServeError(Exception):
@@ -79,6 +80,10 @@ class Overloaded(NFServeError):
     """503: queue full or deadline passed; retry later."""
 
 
+class DeadlineExceeded(NFServeError):
+    """408: the request's own ``timeout_ms`` passed before it had a result."""
+
+
 class ServerError(NFServeError):
     """Any other 5xx."""
 
@@ -88,7 +93,7 @@ _BY_KIND: dict[ErrorKind, type[NFServeError]] = {
     ErrorKind.NOT_FOUND: NotFound, ErrorKind.CONFLICT: Conflict,
     ErrorKind.PAYLOAD_TOO_LARGE: PayloadTooLarge, ErrorKind.UNAUTHORIZED: Unauthorized,
     ErrorKind.FORBIDDEN: Forbidden, ErrorKind.UNAVAILABLE: Overloaded,
-    ErrorKind.OVERLOADED: Overloaded,
+    ErrorKind.OVERLOADED: Overloaded, ErrorKind.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 _ERRORS: dict[int, type[NFServeError]] = {
     400: InvalidInput, **{STATUS[kind]: cls for kind, cls in _BY_KIND.items()}}

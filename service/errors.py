@@ -11,6 +11,7 @@ from .wire import ErrorKind
 __all__ = [
     "ServiceError", "NotFound", "InvalidInput", "PayloadTooLarge", "Conflict",
     "UnsupportedMediaType", "Overloaded", "ModelUnavailable", "Unauthorized", "Forbidden",
+    "DeadlineExceeded",
 ]
 
 
@@ -76,3 +77,9 @@ class Forbidden(ServiceError):
     """The API key lacks the scope."""
 
     kind = ErrorKind.FORBIDDEN
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's own ``timeout_ms`` passed before it had a result (it is dropped unrun)."""
+
+    kind = ErrorKind.DEADLINE_EXCEEDED

@@ -47,6 +47,18 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0, description="Longest wait to fill a batch.")
     max_queued_rows: int = Field(4_000_000, ge=1, description="Rows waiting per model before 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of an inference request.")
+    max_queued_requests: int = Field(
+        0, ge=0, description="Requests waiting per model before 503 (Triton's max_queue_size); "
+                             "0: bounded by max_queued_rows only.")
+    allow_timeout_override: bool = Field(
+        True, description="Honour a request's own timeout_ms (below request_timeout_s): past it, "
+                          "the request is dropped before compute and answered 408.")
+    warmup_rows: int = Field(
+        16, ge=0, description="Rows sampled and scored when a model loads, before it serves "
+                              "(its first request then pays no warm-up); 0: no warm-up.")
+    preload_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated models (latest version) loaded and "
+                                          "warmed at start-up; '*' for every model.")
     model_cache_size: int = Field(16, ge=1, description="Loaded models held in the LRU cache.")
     torch_threads: int = Field(
         0, ge=0, description="Intra-op threads of the inference pass; 0: torch's default.")
@@ -84,7 +96,8 @@ class Settings(BaseSettings):
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules imported at start-up to register target plugins.")
 
-    @field_validator("api_keys_read", "api_keys_write", "plugins", mode="before")
+    @field_validator("api_keys_read", "api_keys_write", "plugins", "preload_models",
+                     mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
         return _split(value)

@@ -65,6 +65,7 @@ class ErrorKind(StrEnum):
     UNAVAILABLE = "unavailable"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's own timeout_ms passed
 
 
 STATUS: dict[ErrorKind, int] = {
@@ -77,4 +78,5 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.UNAUTHORIZED: 401,
     ErrorKind.FORBIDDEN: 403,
+    ErrorKind.DEADLINE_EXCEEDED: 408,  # a 4xx: the request's own deadline, not the server's fault
 }

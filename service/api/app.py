@@ -37,7 +37,8 @@ from ..wire import LOG_PROB, SAMPLE
 from .errors import install_error_handlers
 from .fastpath import FastPath
 from .middleware import MetricsMiddleware
-from .routes import datasets, health, inference, jobs, models
+from .openapi import install_openapi
+from .routes import datasets, health, inference, jobs, models, oip
 
 __all__ = ["create_app"]
 
@@ -50,6 +51,8 @@ DESCRIPTION = """Normalizing-flow density estimation and sampling.
 * **Training**: `POST /train` queues a job (data or a target, and a budget in steps, epochs or
   seconds); `GET /jobs/{id}` shows its progress, its model and, for variational fits, whether the
   fit can be trusted (`diagnostics`).
+* **Open Inference Protocol v2** (KServe v2, Triton HTTP): `/v2/...`, with Triton's binary tensor
+  data extension; errors there are `{"error": "..."}`.
 * **Auth**: when the server has API keys, send `Authorization: Bearer <key>` (health is open).
 * **Errors**: `{"detail": "..."}` with 404, 409, 413, 415, 422, 401/403 or 503.
 """
@@ -85,6 +88,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.cache = cache = ModelCache(settings, store, app.state.metrics)
     app.state.readiness_checks.extend([store.health, cache.health])
     await asyncio.to_thread(_open_training, app)
+    if settings.preload_models:  # loaded and warmed before the first request
+        await cache.preload()
     app.state.data_plane = DataPlane(cache, settings)  # last: the fast path answers from here on
     # Everything imported and built so far lives as long as the server: keep it out of the
     # garbage collector's full passes. Without this a full pass walked torch's, pydantic's and
@@ -107,10 +112,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.readiness_checks = []
     install_error_handlers(app)
     for router in (health.router, inference.router, models.router, jobs.router,
-                   datasets.router):
+                   datasets.router, oip.router):
         app.include_router(router)
     if settings.fast_path:
         fast = {r.path: r for r in inference.router.routes if r.path in (LOG_PROB, SAMPLE)}
         app.add_middleware(FastPath, state=app.state, routes=fast)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_openapi(app)
     return app

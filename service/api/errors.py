@@ -78,6 +78,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return _answer(422, validation_message(exc.errors()))
 
     async def http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:  # FastAPI could not parse the body: bad input, a 422 as elsewhere
+            return _answer(422, f"Request body could not be parsed: {exc.detail}")
         return _answer(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     for cls in (ServiceError, *(cls for cls, _ in _ENGINE), Exception):

@@ -28,6 +28,7 @@ from ..inference import Call, DataPlane
 from ..settings import Settings
 from ..wire import JSON
 from .deps import bearer_token, check_key, collect_body
+from .disconnect import ClientDisconnected, unless_disconnected
 from .errors import describe, error_body
 
 __all__ = ["FastPath"]
@@ -66,9 +67,9 @@ async def _answer(scope: Scope, receive: Receive, send: Send, settings: Settings
                     headers.get(b"accept", b"").decode("latin-1"),
                     dict(parse_qsl(qs.decode("latin-1"), keep_blank_values=True)) if qs else {},
                     body)
-        answer = await plane.answer(scope["path"], call)
+        answer = await unless_disconnected(receive, plane.answer(scope["path"], call))
         status, content, media_type, extra = 200, answer.body, answer.media_type, None
-    except _Disconnected:  # nobody to answer
+    except (_Disconnected, ClientDisconnected):  # nobody to answer; queued work was dropped
         return
     except Exception as exc:  # every error becomes its status and {"detail": ...}
         status, detail, extra = describe(exc)

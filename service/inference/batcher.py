@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..errors import Overloaded
+from ..errors import DeadlineExceeded, Overloaded
 from ..metrics import Metrics
 
 __all__ = ["Batcher", "Pending", "BatcherConfig", "Kind", "Run"]
@@ -38,6 +38,7 @@ class BatcherConfig:
     max_batch_rows: int = 65536
     max_queue_delay_s: float = 0.002
     max_queued_rows: int = 4_000_000
+    max_queued_requests: int = 0  # requests waiting before 503; 0: bounded by rows only
     torch_threads: int = 0  # intra-op threads of the inference thread; 0: leave torch's default
 
 
@@ -53,6 +54,7 @@ class Pending:
     x: np.ndarray | None = None  # log_prob: (rows, dim) in the model's dtype
     context: np.ndarray | None = None  # (rows, c) or (1, c)
     seed: int | None = None  # sample: seed of this request's noise
+    own_deadline: bool = False  # the deadline is the request's timeout_ms (408), not the server's
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -100,6 +102,13 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise Overloaded(f"Model {self.label} is being unloaded; retry")
+            limit = self.config.max_queued_requests
+            if limit and len(self._queue) >= limit:
+                if self.metrics:
+                    self.metrics.rejected.labels(self.label, "queue_full").inc()
+                raise Overloaded(
+                    f"Model {self.label} is overloaded: {len(self._queue)} requests already "
+                    f"queued (limit {limit}); retry later")
             if self._queue and self._queued_rows + item.rows > self.config.max_queued_rows:
                 if self.metrics:
                     self.metrics.rejected.labels(self.label, "queue_full").inc()
@@ -109,11 +118,26 @@ class Batcher:
             was_empty = not self._queue
             self._queue.append(item)
             self._queued_rows += item.rows
+            item.future.add_done_callback(lambda fut: fut.cancelled() and self._discard(item))
             # Wake the thread only when it has something new to decide: the first request (it
             # sleeps on an empty queue) or a full batch (it waits out the queue delay otherwise).
             if was_empty or self._queued_rows >= self.config.max_batch_rows:
                 self._cond.notify()
             self._gauge()
+
+    def _discard(self, item: Pending) -> None:
+        """Take a cancelled request (timed out, or its client went away) out of the queue at
+        once, so it neither runs nor holds a place in the queue's bounds."""
+        with self._cond:
+            try:
+                self._queue.remove(item)
+            except ValueError:  # already taken into a batch: skipped there
+                return
+            self._queued_rows -= item.rows
+            if self.metrics:
+                self.metrics.dropped.labels(self.label).inc()
+            self._gauge()
+            self._cond.notify()  # the thread may be waiting out this request's queue delay
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued requests, then stop the thread."""
@@ -127,23 +151,28 @@ class Batcher:
         if self.metrics:
             self.metrics.queue_rows.labels(self.label).set(self._queued_rows)
             self.metrics.queue_requests.labels(self.label).set(len(self._queue))
+            self.metrics.nv_pending(self.label).set(len(self._queue))
 
     def _take(self) -> list[Pending] | None:
         """Block for the next batch (same kind, ≤ max_batch_rows); None once closed and empty."""
         cfg = self.config
         with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            head = self._queue[0]
-            if cfg.batching and cfg.max_queue_delay_s > 0:
-                until = head.enqueued + cfg.max_queue_delay_s
-                while not self._closed and self._queued_rows < cfg.max_batch_rows:
-                    remaining = until - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+            while True:
+                while not self._queue:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                head = self._queue[0]
+                if cfg.batching and cfg.max_queue_delay_s > 0:
+                    until = head.enqueued + cfg.max_queue_delay_s
+                    while not self._closed and self._queued_rows < cfg.max_batch_rows:
+                        remaining = until - time.monotonic()
+                        if remaining <= 0 or not self._queue or self._queue[0] is not head:
+                            break
+                        self._cond.wait(remaining)
+                if self._queue and self._queue[0] is head:
+                    break
+                # The head was discarded (cancelled) while waiting: start over from the new one.
             batch = [self._queue.popleft()]
             rows = batch[0].rows
             if cfg.batching:
@@ -175,16 +204,24 @@ class Batcher:
             now = time.monotonic()
             live, out = [], []
             for item in batch:
-                if item.future.done():
+                if item.future.done():  # timed out or its client went away: dropped unrun
+                    if self.metrics:
+                        self.metrics.dropped.labels(self.label).inc()
                     continue
                 if now > item.deadline:
                     if self.metrics:
-                        self.metrics.rejected.labels(self.label, "deadline").inc()
-                    out.append((item, None, Overloaded(
+                        self.metrics.rejected.labels(
+                            self.label, "timeout" if item.own_deadline else "deadline").inc()
+                    out.append((item, None, DeadlineExceeded(
+                        f"Model {self.label}: the request's timeout_ms passed while it was "
+                        f"queued; dropped before its forward pass") if item.own_deadline
+                        else Overloaded(
                         f"Model {self.label} is overloaded: the request waited past its deadline "
                         f"in the queue; retry later")))
                 else:
                     live.append(item)
+            if live and self.metrics:
+                self.metrics.observe_queue(self.label, sum(now - p.enqueued for p in live))
             if live:
                 try:
                     results = self._forward(live)
@@ -214,4 +251,10 @@ class Batcher:
             self.metrics.batch_requests.labels(self.label, kind).observe(len(batch))
         with self._lock:
             self.batches += 1
-            return self.run(batch)
+            start = time.monotonic()
+            try:
+                return self.run(batch)
+            finally:
+                if self.metrics:
+                    self.metrics.observe_exec(self.label, sum(p.rows for p in batch), len(batch),
+                                              time.monotonic() - start)

@@ -3,14 +3,22 @@
 ``ModelCache.get`` resolves the version (the latest when omitted, looked up on every request, so a
 new version is served without a restart) and loads the model off the event loop on a miss. One
 lock per device lets one forward pass run at a time, whichever model it belongs to.
+
+A model is warmed up as it loads, before it serves (``warmup_rows``): a few rows are sampled and
+scored in one pass, so that torch's first-call work (allocator, kernels, lazily built buffers) is
+not paid by the first request. ``preload`` loads the models of ``preload_models`` at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+
+import torch
 
 import nfcore
 from nfcore import targets
@@ -25,6 +33,8 @@ from .forward import forward
 
 __all__ = ["ModelCache", "LoadedModel"]
 
+log = logging.getLogger("nfserve")
+
 
 @dataclass
 class LoadedModel:
@@ -36,6 +46,7 @@ class LoadedModel:
     flow: nfcore.Flow
     batcher: Batcher
     target: targets.Target | None = None
+    warmup_s: float | None = None  # the warm-up pass's duration; None: none was run
 
     @property
     def label(self) -> str:
@@ -53,7 +64,8 @@ class ModelCache:
         self.config = BatcherConfig(
             batching=settings.batching, max_batch_rows=settings.max_batch_rows,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-            max_queued_rows=settings.max_queued_rows, torch_threads=settings.torch_threads)
+            max_queued_rows=settings.max_queued_rows, torch_threads=settings.torch_threads,
+            max_queued_requests=settings.max_queued_requests)
         self._cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Future] = {}
         self._device_lock = threading.Lock()  # one forward pass at a time per device
@@ -104,8 +116,48 @@ class ModelCache:
             task.add_done_callback(lambda _: self._loading.pop(key, None))
         return await asyncio.shield(task)
 
+    def _warm_up(self, name: str, version: int, flow: nfcore.Flow) -> float | None:
+        """Sample ``warmup_rows`` rows and score them (one pass each, under the device lock);
+        its duration in seconds, or None when off or when it failed (logged: the model still
+        serves, and its own requests will say what is wrong)."""
+        rows = self.settings.warmup_rows
+        if not rows:
+            return None
+        start = time.perf_counter()
+        try:
+            ctx = (torch.zeros(rows, flow.context_dim, dtype=flow.dtype, device=flow.device)
+                   if flow.context_dim else None)
+            z = torch.randn(rows, flow.dim, generator=torch.Generator().manual_seed(0),
+                            dtype=flow.dtype).to(flow.device)
+            with self._device_lock, torch.inference_mode(), nfcore.time_limit(
+                    self.settings.request_timeout_s):
+                x, _ = flow.sample_from_noise(z, ctx)
+                flow.log_prob(x, ctx)
+        except Exception as e:
+            log.warning("Warm-up of model %s:%s failed: %s", name, version, e)
+            return None
+        seconds = time.perf_counter() - start
+        if self.metrics:
+            self.metrics.warmups.labels(name, str(version)).inc()
+            self.metrics.warmup_seconds.labels(name, str(version)).set(seconds)
+        return seconds
+
+    async def preload(self) -> list[str]:
+        """Load and warm the models of ``settings.preload_models`` ('*': every model); the
+        ``name:version`` labels loaded. A model that cannot be loaded is logged and skipped."""
+        wanted = self.settings.preload_models
+        names = self.store.names() if "*" in wanted else wanted
+        loaded = []
+        for name in names[:self.settings.model_cache_size]:
+            try:
+                loaded.append((await self.get(name)).label)
+            except Exception as e:
+                log.warning("Preloading model %s failed: %s", name, e)
+        return loaded
+
     async def _load_into_cache(self, name: str, version: int) -> LoadedModel:
         flow, target = await asyncio.to_thread(self._load, name, version)
+        warmup_s = await asyncio.to_thread(self._warm_up, name, version, flow)
         config = self.config
         if "ode" in flow.cost.values():
             # An adaptive ODE solver picks one step size for the whole batch, so a row's answer
@@ -116,7 +168,7 @@ class ModelCache:
             run = constrained.wrap(run, flow, target)
         batcher = Batcher(run, f"{name}:{version}",
                           config, metrics=self.metrics, device_lock=self._device_lock)
-        model = LoadedModel(name, version, flow, batcher, target)
+        model = LoadedModel(name, version, flow, batcher, target, warmup_s)
         self._cache[(name, version)] = model
         self._evict()
         return model

@@ -18,6 +18,7 @@ import gc
 import json
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,13 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from ..errors import InvalidInput, Overloaded, PayloadTooLarge, UnsupportedMediaType
+from ..errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from ..settings import Settings
 from ..store import NAME_PATTERN
 from ..wire import JSON, LOG_PROB, OCTET_STREAM, REQUEST_TENSORS, SAMPLE
@@ -45,6 +52,10 @@ _NAME = Field(description="Model name, as in GET /models.", examples=["two_moons
               pattern=NAME_PATTERN)
 _VERSION = Field(None, ge=1, description="Model version; omitted means the latest.",
                  examples=[1])
+_TIMEOUT = Field(None, gt=0, le=86_400_000,
+                 description="This request's own deadline in milliseconds (below the server's "
+                             "request_timeout_s): once past, it is dropped before its forward pass "
+                             "and answered 408.", examples=[1000])
 
 
 class LogProbOptions(BaseModel):
@@ -54,6 +65,7 @@ class LogProbOptions(BaseModel):
 
     model: str = _NAME
     version: int | None = _VERSION
+    timeout_ms: float | None = _TIMEOUT
 
 
 class SampleOptions(BaseModel):
@@ -63,6 +75,7 @@ class SampleOptions(BaseModel):
 
     model: str = _NAME
     version: int | None = _VERSION
+    timeout_ms: float | None = _TIMEOUT
     n: int = Field(ge=1, description="Number of samples.", examples=[3])
     seed: int | None = Field(
         None, ge=0, lt=2**63,
@@ -250,14 +263,16 @@ class DataPlane:
             raise InvalidInput("The safetensors body has no tensor 'x'" if call.binary
                                else "x: field required (a list of rows)")
         model, log_prob = await self.score(opts.model, opts.version, arrays.get("x"),
-                                           arrays.get("context"), values=arrays.get("values"))
+                                           arrays.get("context"), values=arrays.get("values"),
+                                           timeout_ms=opts.timeout_ms)
         # A residual flow above its exact_dim scores with an unbiased estimate: say so.
         return _encode(call, model, {"log_prob": log_prob}, exact=model.flow.exact_log_prob)
 
     async def sample(self, call: Call) -> Answer:
         opts, arrays = _decode(call, SAMPLE, SampleOptions)
         model, result = await self._draw(opts.model, opts.version, opts.n, seed=opts.seed,
-                                         context=arrays.get("context"))
+                                         context=arrays.get("context"),
+                                         timeout_ms=opts.timeout_ms)
         if model.target is None:
             return _encode(call, model, {"samples": result[0], "log_prob": result[1]})
         # A model-language target: constrained samples with named columns, log q there and the
@@ -273,41 +288,53 @@ class DataPlane:
             raise PayloadTooLarge(f"{what} has {rows} rows; the limit is {self.settings.max_rows}")
 
     async def score(self, name: str, version: int | None, x: object, context: object = None,
-                    *, values: object = None) -> tuple[LoadedModel, np.ndarray]:
+                    *, values: object = None, timeout_ms: float | None = None
+                    ) -> tuple[LoadedModel, np.ndarray]:
         """Score ``x`` (rows × dim) under the model: ``(model, log_prob)``. A model fit to a
         model-language target scores constrained values instead: named ``values`` or rows ``x``
         (``service.inference.constrained``)."""
         if isinstance(x, list | np.ndarray) and len(x) > self.settings.max_rows:
             self._check_rows(len(x), "x")  # before converting a huge list
         model = await self.cache.get(name, version)
-        flow = model.flow
-        if model.target is not None:
-            x = constrained.values_rows(model.target, values, x)
-        elif values is not None:
-            raise InvalidInput(f"values: model {model.label} was not fit to a model-language "
-                               f"target; send rows x")
-        else:
-            x = as_rows(x, "x", flow.dim, _NP_DTYPES[flow.spec["dtype"]])
-        self._check_rows(x.shape[0], "x")
-        ctx = self._context(model, context, x.shape[0])
-        return model, await self._run(model, "log_prob", x.shape[0], x=x, context=ctx)
+        with self._track(model):
+            flow = model.flow
+            if model.target is not None:
+                x = constrained.values_rows(model.target, values, x)
+            elif values is not None:
+                raise InvalidInput(f"values: model {model.label} was not fit to a model-language "
+                                   f"target; send rows x")
+            else:
+                x = as_rows(x, "x", flow.dim, _NP_DTYPES[flow.spec["dtype"]])
+            self._check_rows(x.shape[0], "x")
+            ctx = self._context(model, context, x.shape[0])
+            return model, await self._run(model, "log_prob", x.shape[0], timeout_ms, x=x,
+                                          context=ctx)
 
     async def draw(self, name: str, version: int | None, n: int, *, seed: int | None = None,
-                   context: object = None) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
+                   context: object = None, timeout_ms: float | None = None
+                   ) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
         """``n`` samples and their log density: ``(model, samples, log_prob)`` (constrained, for a
         model fit to a model-language target)."""
-        model, result = await self._draw(name, version, n, seed=seed, context=context)
+        model, result = await self._draw(name, version, n, seed=seed, context=context,
+                                         timeout_ms=timeout_ms)
         return model, result[0], result[1]
 
     async def _draw(self, name: str, version: int | None, n: int, *, seed: int | None = None,
-                    context: object = None) -> tuple[LoadedModel, tuple[np.ndarray, ...]]:
+                    context: object = None, timeout_ms: float | None = None
+                    ) -> tuple[LoadedModel, tuple[np.ndarray, ...]]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidInput(f"n must be a positive integer; got {n!r}")
         if n > self.settings.max_sample_n:
             raise PayloadTooLarge(f"n = {n} is over the limit of {self.settings.max_sample_n}")
         model = await self.cache.get(name, version)
-        ctx = self._context(model, context, n)
-        return model, await self._run(model, "sample", n, seed=seed, context=ctx)
+        with self._track(model):
+            ctx = self._context(model, context, n)
+            return model, await self._run(model, "sample", n, timeout_ms, seed=seed, context=ctx)
+
+    def _track(self, model: LoadedModel) -> AbstractContextManager[None]:
+        """Triton's per-request counters of ``model`` (success, failure, duration)."""
+        metrics = self.cache.metrics
+        return metrics.track_request(model.label) if metrics else nullcontext()
 
     def _context(self, model: LoadedModel, context: object, rows: int) -> np.ndarray | None:
         flow = model.flow
@@ -329,17 +356,28 @@ class DataPlane:
             raise InvalidInput(f"context has {ctx.shape[0]} rows; expected 1 or {rows}")
         return ctx
 
-    async def _run(self, model: LoadedModel, kind: Kind, rows: int, **arrays: Any) -> Any:
+    async def _run(self, model: LoadedModel, kind: Kind, rows: int, timeout_ms: float | None,
+                   **arrays: Any) -> Any:
         loop = asyncio.get_running_loop()
         timeout = self.settings.request_timeout_s
+        own = (timeout_ms is not None and self.settings.allow_timeout_override
+               and timeout_ms / 1000.0 < timeout)
+        if own:
+            timeout = timeout_ms / 1000.0
         pending = Pending(kind=kind, rows=rows, future=loop.create_future(), loop=loop,
-                          deadline=time.monotonic() + timeout, **arrays)
+                          deadline=time.monotonic() + timeout, own_deadline=own, **arrays)
         model.batcher.submit(pending)
         try:
             async with asyncio.timeout(timeout):
                 return await pending.future
         except TimeoutError:
             if self.cache.metrics:
-                self.cache.metrics.rejected.labels(model.label, "deadline").inc()
+                self.cache.metrics.rejected.labels(model.label,
+                                                   "timeout" if own else "deadline").inc()
+            if own:
+                raise DeadlineExceeded(
+                    f"No result from model {model.label} within the request's timeout_ms of "
+                    f"{timeout_ms:g} ms; a request still queued then is dropped before its "
+                    f"forward pass") from None
             raise Overloaded(f"Model {model.label} is overloaded: no result within the "
                              f"{timeout:g} s request deadline; retry later") from None

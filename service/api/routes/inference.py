@@ -18,6 +18,7 @@ from ...inference import Call, DataPlane
 from ...settings import Settings
 from ...wire import LOG_PROB, OCTET_STREAM, SAMPLE
 from ..deps import DataPlaneDep, ReadAccess, SettingsDep, read_body
+from ..disconnect import ClientDisconnected, unless_disconnected
 from ..schemas import (
     ErrorPublic,
     LogProbOptions,
@@ -35,7 +36,9 @@ router = APIRouter(tags=["inference"], dependencies=[ReadAccess])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorPublic, "description": text} for code, text in [
         (401, "Missing or invalid API key"), (403, "Key lacks the scope"),
-        (404, "Unknown model or version"), (413, "Over the row, n or body-size limit"),
+        (404, "Unknown model or version"),
+        (408, "The request's own timeout_ms passed; it was dropped before its forward pass"),
+        (413, "Over the row, n or body-size limit"),
         (415, "Body neither JSON nor safetensors"),
         (422, "Bad JSON, shape, dimension, empty or non-finite input"),
         (503, "Overloaded: queue full or deadline passed; retry later")]}
@@ -72,7 +75,10 @@ async def _adapt(request: Request, plane: DataPlane, settings: Settings, route: 
     headers = request.headers
     call = Call(headers.get("content-type", ""), headers.get("accept", ""),
                 dict(request.query_params), await read_body(request, settings.max_body_bytes))
-    answer = await plane.answer(route, call)
+    try:
+        answer = await unless_disconnected(request.receive, plane.answer(route, call))
+    except ClientDisconnected:  # nobody reads this answer; the queued work was dropped
+        return Response(status_code=499)
     return Response(answer.body, media_type=answer.media_type)
 
 

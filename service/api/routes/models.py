@@ -173,7 +173,9 @@ async def create_model(
 @router.get("/{name}/plot.png", response_class=Response,
             responses={200: {"content": {"image/png": {}},
                              "description": "Density heat map with samples on top"},
-                       **_ERR, 422: {"model": ErrorPublic, "description": "Not a 2-D model"}},
+                       **_ERR, 422: {"model": ErrorPublic, "description": "Not a 2-D model"},
+                       413: {"model": ErrorPublic, "description": "grid x grid is over the "
+                                                                  "row limit"}},
             dependencies=[ReadAccess])
 async def read_model_plot(
     name: NamePath, plane: DataPlaneDep,
