@@ -339,7 +339,7 @@ def main() -> None:
         f"{args.rows:,} rows, {TRANSFORMS} transforms, hidden {HIDDEN}, float32, "
         f"`torch.inference_mode`, **{args.threads} torch thread(s)**; the least CPU time of the "
         f"process over {args.repeats} calls after a warm-up (CPU time: the wall clock of a shared "
-        "machine also counts the wait for a core). Load average {load0[0]:.1f} at the start, "
+        f"machine also counts the wait for a core). Load average {load0[0]:.1f} at the start, "
         f"{load1[0]:.1f} at the end, on a machine shared with other jobs: the absolute rates move "
         "with it, the ratios (share, vs zuko, vs eager) much less.\n\n"
         "- *share*: conditioners' dense FLOPs per row (one pass through every dense layer) × "
