@@ -52,7 +52,7 @@ class Flow(nn.Module):
     #: Without autograd, on a CPU, ``log_prob`` and ``sample_from_noise`` run a large batch in
     #: blocks of this many rows, so that a block's activations stay in cache (the lean inference
     #: path, see ``benchmarks/results/roofline.md``); the flows whose solvers stop on a batch-wide
-    #: rule (``Layer.row_wise`` False) run whole.
+    #: rule (``Layer.row_wise`` False), and those with no dense layer, run whole.
     block_rows: int = 8192
 
     def __init__(self, spec: dict[str, Any]):
@@ -75,6 +75,10 @@ class Flow(nn.Module):
                 params["context_dim"] = layer_context
             layers.append(LAYER_CLASSES[layer["type"]](self.dim, **params))
         self.layers: nn.ModuleList[Layer] = nn.ModuleList(layers)
+        # Row blocks pay where a row's intermediates are wide (a conditioner's hidden layers) and
+        # where every layer is row-wise; without a dense layer they would add only overhead.
+        self._blocked = (all(layer.row_wise for layer in layers)
+                         and any(isinstance(m, nn.Linear) for m in self.modules()))
         self.to(_DTYPES[self.spec["dtype"]])
 
     # ---------------------------------------------------------------- properties
@@ -195,8 +199,7 @@ class Flow(nn.Module):
             with eager_inference():
                 return fn(x, context)
         step = self.block_rows
-        if (not lean() or x.shape[0] <= step or x.device.type != "cpu"
-                or not all(layer.row_wise for layer in self.layers)):
+        if not lean() or x.shape[0] <= step or x.device.type != "cpu" or not self._blocked:
             return fn(x, context)  # (a GPU wants the whole batch at once)
         parts = [fn(x[i : i + step], None if context is None else context[i : i + step])
                  for i in range(0, x.shape[0], step)]
