@@ -157,31 +157,7 @@ class RationalQuadratic:
         dk = torch.where(idx == 0, one, dk)
         dk1 = torch.where(idx == k - 1, one, dk1)
         u = u.squeeze(-1)
-        s = hk / wk
-        t = dk1 + dk - 2.0 * s
-
-        if inverse:
-            dy = u - yk
-            a = hk * (s - dk) + dy * t
-            b = hk * dk - dy * t
-            c = -s * dy
-            disc = (b * b - 4.0 * a * c).clamp(min=0.0)
-            xi = ((2.0 * c) / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
-            out = xi * wk + xk
-        else:
-            xi = ((u - xk) / wk).clamp(0.0, 1.0)
-            xi1 = xi * (1.0 - xi)
-            out = yk + hk * (s * xi * xi + dk * xi1) / (s + t * xi1)
-
-        xi1 = xi * (1.0 - xi)
-        num = dk1 * xi * xi + 2.0 * s * xi1 + dk * (1.0 - xi) ** 2
-        ladj = 2.0 * torch.log(s) + torch.log(num) - 2.0 * torch.log(s + t * xi1)
-        if inverse:
-            ladj = -ladj
-        out = out * (2.0 * bound) - bound
-        out = torch.where(inside, out, v)
-        ladj = torch.where(inside, ladj, torch.zeros_like(ladj))
-        return out, ladj
+        return _in_bin(u, v, inside, xk, yk, wk, hk, dk, dk1, bound, inverse)
 
     def _lean(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """``__call__`` without autograd, the same values to float rounding in fewer passes:
@@ -214,28 +190,34 @@ class RationalQuadratic:
         one = torch.ones_like(u)
         dk = torch.where(idx == 0, one, d[..., 0])
         dk1 = torch.where(idx == k - 1, one, d[..., 1])
-        s = hk / wk
-        t = dk1 + dk - 2.0 * s
+        return _in_bin(u, v, inside, xk, yk, wk, hk, dk, dk1, bound, inverse)
 
-        if inverse:
-            dy = u - yk
-            a = hk * (s - dk) + dy * t
-            b = hk * dk - dy * t
-            c = -s * dy
-            disc = (b * b - 4.0 * a * c).clamp_(min=0.0)
-            xi = ((2.0 * c) / (-b - torch.sqrt_(disc))).clamp_(0.0, 1.0)
-            out = xi * wk + xk
-        else:
-            xi = ((u - xk) / wk).clamp_(0.0, 1.0)
-            xi1 = xi * (1.0 - xi)
-            out = yk + hk * (s * xi * xi + dk * xi1) / (s + t * xi1)
 
+def _in_bin(u: Tensor, v: Tensor, inside: Tensor, xk: Tensor, yk: Tensor, wk: Tensor, hk: Tensor,
+            dk: Tensor, dk1: Tensor, bound: float, inverse: bool) -> tuple[Tensor, Tensor]:
+    """The rational-quadratic map inside one bin (Durkan et al. 2019, eqs. 4-6 and the inverse's
+    quadratic root), given ``u`` rescaled to [0, 1], the bin's left knot ``(xk, yk)``, its width
+    and height and the derivatives at its two knots; the identity outside ``[-bound, bound]``."""
+    s = hk / wk
+    t = dk1 + dk - 2.0 * s
+    if inverse:
+        dy = u - yk
+        a = hk * (s - dk) + dy * t
+        b = hk * dk - dy * t
+        c = -s * dy
+        disc = (b * b - 4.0 * a * c).clamp(min=0.0)
+        xi = ((2.0 * c) / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
+        out = xi * wk + xk
+    else:
+        xi = ((u - xk) / wk).clamp(0.0, 1.0)
         xi1 = xi * (1.0 - xi)
-        num = dk1 * xi * xi + 2.0 * s * xi1 + dk * (1.0 - xi) ** 2
-        ladj = 2.0 * torch.log(s) + torch.log(num) - 2.0 * torch.log(s + t * xi1)
-        if inverse:
-            ladj = -ladj
-        out = out * (2.0 * bound) - bound
-        out = torch.where(inside, out, v)
-        ladj = torch.where(inside, ladj, torch.zeros_like(ladj))
-        return out, ladj
+        out = yk + hk * (s * xi * xi + dk * xi1) / (s + t * xi1)
+    xi1 = xi * (1.0 - xi)
+    num = dk1 * xi * xi + 2.0 * s * xi1 + dk * (1.0 - xi) ** 2
+    ladj = 2.0 * torch.log(s) + torch.log(num) - 2.0 * torch.log(s + t * xi1)
+    if inverse:
+        ladj = -ladj
+    out = out * (2.0 * bound) - bound
+    out = torch.where(inside, out, v)
+    ladj = torch.where(inside, ladj, torch.zeros_like(ladj))
+    return out, ladj
