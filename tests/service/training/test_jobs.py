@@ -420,7 +420,7 @@ def test_metrics_count_jobs_by_status(api: TestClient) -> None:
 
 
 # ---------------------------------------------------------------------- budgets and diagnostics
-DIAGNOSTICS = {"pareto_k": 0.93, "ess_fraction": 0.12, "tail_fraction": 0.04,
+DIAGNOSTICS = {"pareto_k": 0.93, "ess_fraction": 0.12, "tail_fraction": 0.04, "moment_shift": 0.3,
                "verdict": "unreliable", "reasons": ["pareto_k 0.93 > 0.7", "4 % in spline tails"]}
 
 
