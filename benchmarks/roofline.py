@@ -90,7 +90,9 @@ def rate(make: Callable[[int], Callable[[], object]], rows: int, repeats: int) -
 def nfcore_flow(preset: str, dim: int) -> nfcore.Flow:
     torch.manual_seed(0)
     spec = {"preset": preset, "dim": dim}
-    if "hidden" in nfcore.LAYER_TYPES[nfcore.PRESETS[preset][0]]:
+    layer = nfcore.PRESETS[preset][0]
+    # planar and radial have a hidden network only when conditional (their context network)
+    if "hidden" in nfcore.LAYER_TYPES[layer] and layer not in ("planar", "radial"):
         spec["hidden"] = HIDDEN
     if preset != "cnf":  # one continuous-time layer; its depth is the field's
         spec["transforms"] = TRANSFORMS
