@@ -51,8 +51,9 @@ class Pending:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     deadline: float
-    x: np.ndarray | None = None  # log_prob: (rows, dim) in the model's dtype
-    context: np.ndarray | None = None  # (rows, c) or (1, c)
+    # The arrays stay out of the repr: formatting a batch's rows would cost more than its pass.
+    x: np.ndarray | None = field(default=None, repr=False)  # log_prob: (rows, dim), model dtype
+    context: np.ndarray | None = field(default=None, repr=False)  # (rows, c) or (1, c)
     seed: int | None = None  # sample: seed of this request's noise
     own_deadline: bool = False  # the deadline is the request's timeout_ms (408), not the server's
     enqueued: float = field(default_factory=time.monotonic)
@@ -129,10 +130,11 @@ class Batcher:
         """Take a cancelled request (timed out, or its client went away) out of the queue at
         once, so it neither runs nor holds a place in the queue's bounds."""
         with self._cond:
-            try:
-                self._queue.remove(item)
-            except ValueError:  # already taken into a batch: skipped there
-                return
+            # Not deque.remove's ValueError: its message formats the missing item (and once
+            # formatted its whole array, per request cancelled after its batch was taken).
+            if not any(queued is item for queued in self._queue):
+                return  # already taken into a batch: skipped there
+            self._queue.remove(item)
             self._queued_rows -= item.rows
             if self.metrics:
                 self.metrics.dropped.labels(self.label).inc()
