@@ -3,18 +3,14 @@ cannot rot between the sessions that have a GPU to run it on. No timing is asser
 
 import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
+from .benchscripts import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu")
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu(capsys):
