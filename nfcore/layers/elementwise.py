@@ -210,14 +210,18 @@ def _in_bin(u: Tensor, v: Tensor, inside: Tensor, xk: Tensor, yk: Tensor, wk: Te
         out = xi * wk + xk
     else:
         xi = ((u - xk) / wk).clamp(0.0, 1.0)
-        xi1 = xi * (1.0 - xi)
-        out = yk + hk * (s * xi * xi + dk * xi1) / (s + t * xi1)
     xi1 = xi * (1.0 - xi)
-    num = dk1 * xi * xi + 2.0 * s * xi1 + dk * (1.0 - xi) ** 2
-    ladj = 2.0 * torch.log(s) + torch.log(num) - 2.0 * torch.log(s + t * xi1)
+    den = s + t * xi1
+    xi2 = xi * xi
+    if not inverse:
+        out = yk + hk * (s * xi2 + dk * xi1) / den
+    num = dk1 * xi2 + 2.0 * s * xi1 + dk * (1.0 - xi) ** 2
+    # log(s^2 num / den^2) = 2 log s + log num - 2 log den, with one logarithm instead of three
+    # (s, num and den are bounded away from 0 and infinity by the minimum widths and slopes).
+    ladj = torch.log(num * (s / den) ** 2)
     if inverse:
         ladj = -ladj
     out = out * (2.0 * bound) - bound
     out = torch.where(inside, out, v)
-    ladj = torch.where(inside, ladj, torch.zeros_like(ladj))
+    ladj = torch.where(inside, ladj, 0.0)
     return out, ladj
