@@ -64,26 +64,48 @@ def _activation(name: str):
 
 
 def _activation_into(name: str):
-    """``(a, d) -> None``: the activation written over ``a`` and its derivative into ``d``, with
-    no allocation (``None`` for activations without such a form). For solves without autograd,
-    where fresh (page-faulted) buffers would cost more than the arithmetic at served batch sizes."""
+    """``(a, d, tmp) -> None``: the activation written over ``a`` and, into ``d``, the part of its
+    derivative that varies, with no allocation (``None`` for activations without such a form).
+    Returned with ``(c, s)``: the derivative is ``c + s * d``, so a constant part costs no pass
+    over the buffer (it goes into a bias of the matrix product that uses it). For solves without
+    autograd, where each elementwise pass over a ``(rows, width)`` buffer costs about as much as a
+    ``width x width`` matrix product at served batch sizes."""
     if name == "elu":
         def g(a, d, tmp):
-            torch.clamp(a, max=0.0, out=d).exp_()  # elu': exp(min(a, 0))
-            a.clamp_(min=0.0).add_(d).sub_(1.0)  # elu: max(a, 0) + exp(min(a, 0)) - 1
-    elif name == "silu":
+            torch.nn.functional.elu(a, inplace=True)
+            torch.clamp(a, max=0.0, out=d)  # elu' - 1 = min(elu(a), 0)
+        return g, 1.0, 1.0
+    if name == "silu":
         def g(a, d, tmp):
             torch.sigmoid(a, out=d)
             a.mul_(d)  # y = a s
             torch.mul(a, d, out=tmp)
             d.add_(a).sub_(tmp)  # s (1 + a (1 - s)) = s + y - y s
-    elif name == "tanh":
+        return g, 0.0, 1.0
+    if name == "tanh":
         def g(a, d, tmp):
             a.tanh_()
-            torch.mul(a, a, out=d).neg_().add_(1.0)
-    else:
-        return None
-    return g
+            torch.mul(a, a, out=d)  # tanh' = 1 - y^2
+        return g, 1.0, -1.0
+    return None
+
+
+def _time_features(t: float, freqs: int) -> list[float]:
+    """``[t, cos(pi k t), sin(pi k t)]`` for ``k = 1..freqs``, in double precision."""
+    kt = [math.pi * k * t for k in range(1, freqs + 1)]
+    return [t, *map(math.cos, kt), *map(math.sin, kt)]
+
+
+def mixed_rms_norm(dim: int):
+    """The solver's error norm over the flat state ``[x, l]`` of shape ``(N, dim + 1)``: the larger
+    of the RMS of the ``x`` block and the RMS of the log-determinant column (torchdiffeq's mixed
+    norm over the tuple ``(x, l)``), so the log-density is held to the tolerance on its own, not
+    averaged with ``dim`` state features."""
+    def norm(r: Tensor) -> Tensor:
+        n = max(r.shape[0], 1)
+        sq = r.square().sum(0)
+        return torch.maximum(sq[:dim].sum() / (n * dim), sq[dim] / n).sqrt()
+    return norm
 
 
 class VectorField(nn.Module):
@@ -108,7 +130,6 @@ class VectorField(nn.Module):
         nn.init.zeros_(self.linears[-1].bias)
         self.activation = activation
         self._act = _activation(activation)
-        self._act_into = _activation_into(activation)
 
     def embed(self, t: Tensor) -> Tensor:
         """Time features, shape ``t.shape + (1 + 2 freqs,)``."""
@@ -141,42 +162,9 @@ class VectorField(nn.Module):
             trace_vec = (w1x * weights[1].T).sum(1)
         elif probe is None and depth == 2:
             trace_mat = (weights[1] * (w1x @ weights[2]).T).T  # (h1, h2)
-        act, act_into = self._act, self._act_into
-        workspace: dict[tuple[str, int], Tensor] = {}
-
-        def buffer(kind: str, layer: int, n: int, width: int, like: Tensor) -> Tensor:
-            b = workspace.get((kind, layer))
-            if b is None or b.shape != (n, width):
-                b = workspace[kind, layer] = like.new_empty(n, width)
-            return b
-
-        def f_into(t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-            """``f`` without autograd, its hidden layers in buffers reused across evaluations."""
-            n = x.shape[0]
-            shift = first + self.embed(t.to(x.dtype)) @ w1t.T
-            derivatives, h = [], x
-            for i, (w, b) in enumerate(zip(weights[:-1], biases[:-1], strict=True)):
-                a = buffer("a", i, n, w.shape[0], x)
-                torch.matmul(h, (w1x if i == 0 else w).T, out=a).add_(shift if i == 0 else b)
-                dl = buffer("d", i, n, w.shape[0], x)
-                act_into(a, dl, buffer("t", i, n, w.shape[0], x))
-                derivatives.append(dl)
-                h = a
-            v = (h @ weights[-1].T).add_(biases[-1])
-            if depth == 1:
-                return v, derivatives[0] @ trace_vec
-            if depth == 2:
-                tr = buffer("tr", 0, n, trace_mat.shape[1], x)
-                return v, torch.matmul(derivatives[0], trace_mat, out=tr).mul_(
-                    derivatives[1]).sum(-1)
-            j = derivatives[0][:, :, None] * w1x
-            for w, dl in zip(weights[1:-1], derivatives[1:], strict=True):
-                j = dl[:, :, None] * (w @ j)
-            return v, torch.einsum("ik,nki->n", weights[-1], j)
+        act = self._act
 
         def f(t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-            if probe is None and act_into is not None and not torch.is_grad_enabled():
-                return f_into(t, x)
             shift = first + self.embed(t.to(x.dtype)) @ w1t.T
             h, d1 = act((x @ w1x.T).add_(shift))
             derivatives = [d1]
@@ -201,6 +189,106 @@ class VectorField(nn.Module):
             return v, div
 
         return f
+
+    def ode(self, context: Tensor | None, probe: Tensor | None, sign: float = 1.0):
+        """The solver's right-hand side ``g(s, y)`` over the flat state ``y = [x, l]`` of shape
+        ``(N, dim + 1)``, in the time ``s = sign * t`` (so that a solve backward in ``t`` runs
+        forward in ``s``): ``g = sign * [v(t, x), div v(t, x)]``.
+
+        Without autograd, with the exact divergence of a one- or two-hidden-layer field and an
+        activation of ``_activation_into``, it takes the lean path: hidden layers in buffers
+        reused across evaluations, the time features in double precision on the host, and the
+        output layer, the trace's last reduction and the sign in one matrix product. Otherwise
+        it is ``dynamics`` (autograd-safe) with its two outputs joined."""
+        depth = len(self.linears) - 1
+        lean = _activation_into(self.activation)
+        if probe is None and lean is not None and depth in (1, 2) and not torch.is_grad_enabled():
+            return self._lean_ode(context, sign, *lean)
+        f = self.dynamics(context, probe)
+
+        def g(s: Tensor, y: Tensor) -> Tensor:
+            v, div = f(s * sign, y[:, : self.dim])
+            out = torch.cat([v, div[:, None]], dim=1)
+            return out if sign == 1.0 else -out
+
+        return g
+
+    def _lean_ode(self, context: Tensor | None, sign: float, act, c: float, s: float):
+        d, freqs = self.dim, self.freqs
+        weights = [lin.weight for lin in self.linears]
+        biases = [lin.bias for lin in self.linears]
+        w1 = weights[0]
+        w1x, w1t = w1[:, :d], w1[:, d : d + 1 + 2 * freqs]
+        wx_t = w1x.T
+        rows = None if context is None else (biases[0] + context @ w1[:, d + 1 + 2 * freqs :].T)
+        h1 = w1.shape[0]
+        dtype, device = w1.dtype, w1.device
+        if len(weights) == 2:
+            # v = h W2^T + b2; div = D . tv with D = c + s d: one product of [h | d] with
+            # [[W2^T, 0], [0, s tv]], plus the bias [b2, c sum(tv)].
+            tv = (w1x * weights[1].T).sum(1)
+            last_w = torch.zeros(2 * h1, d + 1, dtype=dtype, device=device)
+            last_w[:h1, :d] = weights[1].T
+            last_w[h1:, d] = s * tv
+            last_b = torch.cat([biases[1], (c * tv.sum())[None]])
+            h2 = 0
+        else:
+            # div = D1^T M D2 with M = W2^T * (W1x W3) (h1 x h2). P = D1 M = s d1 M + c colsum(M);
+            # then P * D2 = c P + s P * d2 (in place), and [a2 | P * D2] times
+            # [[W3^T, 0], [0, 1]] gives [v, div] in one product.
+            if c == 0.0 and s != 1.0:
+                raise AssertionError("a lean activation without a constant part has s = 1")
+            w2, w3 = weights[1], weights[2]
+            h2 = w2.shape[0]
+            trace_mat = (w2 * (w1x @ w3).T).T  # (h1, h2)
+            p_bias = c * trace_mat.sum(0)
+            w2_t = w2.T
+            last_w = torch.zeros(2 * h2, d + 1, dtype=dtype, device=device)
+            last_w[:h2, :d] = w3.T
+            last_w[h2:, d] = 1.0
+            last_b = torch.cat([biases[2], biases[2].new_zeros(1)])
+        if sign != 1.0:
+            last_w, last_b = sign * last_w, sign * last_b
+        buffers: dict[str, Tensor] = {}
+        shapes = {"a1": h1, "d1": h1, "t1": h1, "aq": 2 * h2, "d2": h2, "t2": h2}
+        if h2 == 0:
+            shapes["a1"] = 2 * h1  # [a1 | d1] side by side for the one output product
+
+        def buffer(name: str, n: int) -> Tensor:
+            b = buffers.get(name)
+            if b is None or b.shape[0] != n:
+                b = buffers[name] = torch.empty(n, shapes[name], dtype=dtype, device=device)
+            return b
+
+        def g(t: Tensor, y: Tensor) -> Tensor:
+            n = y.shape[0]
+            feats = torch.tensor(_time_features(sign * float(t), freqs), dtype=dtype,
+                                 device=device)
+            x = y[:, :d]
+            both = buffer("a1", n)
+            a1 = both[:, :h1]
+            if rows is None:
+                torch.addmm(torch.addmv(biases[0], w1t, feats), x, wx_t, out=a1)
+            else:
+                torch.add(rows, torch.mv(w1t, feats), out=a1).addmm_(x, wx_t)
+            if h2 == 0:
+                act(a1, both[:, h1:], buffer("t1", n))
+                return torch.addmm(last_b, both, last_w)
+            d1 = buffer("d1", n)
+            act(a1, d1, buffer("t1", n))
+            aq = buffer("aq", n)
+            a2, p = aq[:, :h2], aq[:, h2:]
+            torch.addmm(biases[1], a1, w2_t, out=a2)
+            torch.addmm(p_bias, d1, trace_mat, alpha=s, out=p)
+            d2 = buffer("d2", n)
+            act(a2, d2, buffer("t2", n))
+            if c == 0.0:
+                p.mul_(d2)
+            else:
+                p.addcmul_(p, d2, value=s)
+            return torch.addmm(last_b, aq, last_w)
+
+        return g
 
 
 class CNF(Layer):
@@ -244,6 +332,7 @@ class CNF(Layer):
         self.field = VectorField(dim, list(hidden or [64, 64]), activation, context_dim, freqs)
         self.rtol, self.atol, self.method = rtol, atol, method
         self.exact_dim = exact_dim
+        self.evaluations = 0  # vector-field evaluations of the last solve (diagnostics)
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
 
     def _probe(self, x: Tensor) -> Tensor | None:
@@ -260,27 +349,36 @@ class CNF(Layer):
         """Solve from ``t0`` to ``t1``: the end state and ``int_{t0}^{t1} div v dt``."""
         from torchdiffeq import odeint
 
-        f = self.field.dynamics(context, self._probe(x))
+        sign = 1.0 if t1 >= t0 else -1.0
+        f = self.field.ode(context, self._probe(x), sign)
         evaluations = 0
 
-        def func(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        def func(s: Tensor, y: Tensor) -> Tensor:
             nonlocal evaluations
             evaluations += 1
             if evaluations > 20 * _MAX_STEPS:
                 raise ConvergenceError(f"cnf: ODE solve took over {20 * _MAX_STEPS} evaluations")
             check_deadline("cnf: ODE solve")
-            return f(t, state[0])
+            return f(s, y)
 
-        times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-        state = (x, x.new_zeros(x.shape[0]))
+        # One flat state [x, l] (no per-evaluation split and join of a tuple), solved forward in
+        # s = sign * t; the error norm is the tuple's (the larger RMS of the two parts). The last
+        # step ends on the end time (``step_t``), so the answer is a step whose error was
+        # controlled, not torchdiffeq's interpolant inside a step that overshot it.
+        times = torch.tensor([sign * t0, sign * t1], dtype=x.dtype, device=x.device)
+        state = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
+        options = {"max_num_steps": _MAX_STEPS, "norm": mixed_rms_norm(self.dim),
+                   "step_t": times[1:]}
         try:
-            xs, ls = odeint(func, state, times, rtol=self.rtol, atol=self.atol,
-                            method=self.method, options={"max_num_steps": _MAX_STEPS})
+            ys = odeint(func, state, times, rtol=self.rtol, atol=self.atol, method=self.method,
+                        options=options)
         except AssertionError as e:  # torchdiffeq's step-size underflow and step limit
             raise ConvergenceError(f"cnf: ODE solve failed ({e})") from None
-        if not (torch.isfinite(xs[-1]).all() and torch.isfinite(ls[-1]).all()):
+        self.evaluations = evaluations
+        y = ys[-1]
+        if not torch.isfinite(y).all():
             raise ConvergenceError("cnf: ODE solve produced non-finite values")
-        return xs[-1], ls[-1]
+        return y[:, : self.dim].contiguous(), y[:, self.dim].contiguous()
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.integrate(x, context, 1.0, 0.0)
