@@ -234,10 +234,8 @@ class VectorField(nn.Module):
             h2 = 0
         else:
             # div = D1^T M D2 with M = W2^T * (W1x W3) (h1 x h2). P = D1 M = s d1 M + c colsum(M);
-            # then P * D2 = c P + s P * d2 (in place), and [a2 | P * D2] times
-            # [[W3^T, 0], [0, 1]] gives [v, div] in one product.
-            if c == 0.0 and s != 1.0:
-                raise AssertionError("a lean activation without a constant part has s = 1")
+            # then P * D2 = c P + s P * d2 (in place, up to the factor c), and [a2 | P * D2]
+            # times [[W3^T, 0], [0, c]] gives [v, div] in one product.
             w2, w3 = weights[1], weights[2]
             h2 = w2.shape[0]
             trace_mat = (w2 * (w1x @ w3).T).T  # (h1, h2)
@@ -245,7 +243,7 @@ class VectorField(nn.Module):
             w2_t = w2.T
             last_w = torch.zeros(2 * h2, d + 1, dtype=dtype, device=device)
             last_w[:h2, :d] = w3.T
-            last_w[h2:, d] = 1.0
+            last_w[h2:, d] = c if c else s  # P * D2 = c (P + (s / c) P * d2), or s P * d2
             last_b = torch.cat([biases[2], biases[2].new_zeros(1)])
         if sign != 1.0:
             last_w, last_b = sign * last_w, sign * last_b
@@ -285,7 +283,7 @@ class VectorField(nn.Module):
             if c == 0.0:
                 p.mul_(d2)
             else:
-                p.addcmul_(p, d2, value=s)
+                p.addcmul_(p, d2, value=s / c)
             return torch.addmm(last_b, aq, last_w)
 
         return g
