@@ -3,7 +3,9 @@
 Time runs from the base (``t = 0``) to the data (``t = 1``), as in flow matching. The log-density
 follows ``d log p / dt = -div v``, so scoring integrates ``(x, div v)`` from 1 to 0 and sampling from
 0 to 1, each to the spec's ``rtol`` and ``atol`` (torchdiffeq's error control over the whole state,
-the log-determinant included).
+the log-determinant included: one flat state ``[x, l]`` whose error norm is the larger of the RMS
+norms of the ``x`` block and of the ``l`` column, so the log-density is held to the tolerance on its
+own; the last step ends on the end time rather than being interpolated).
 
 The divergence is exact when scoring. ``v`` is an MLP of ``[x, time features, context]``, so its
 Jacobian in ``x`` is ``W_L D_{L-1} ... D_1 W_1x`` with ``D_l`` the activation derivatives. With one
