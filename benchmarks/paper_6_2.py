@@ -40,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,14 +56,19 @@ PAPER = ("Rezende & Mohamed Table 2, binarized MNIST, -log p(x) in nats: diagona
          "posterior 89.9, planar K = 80 85.1, falling as K grows")
 
 
-def load_digits() -> tuple[Tensor, Tensor]:
-    """Binarized train and test images, float32, shape (N, 64)."""
+def load_digits(validation: bool = False) -> tuple[Tensor, Tensor]:
+    """Binarized train and test images, float32, shape (N, 64). With ``validation``, the
+    training images alone, split 80/20 (stratified, ``random_state=1``) into a fitting set and a
+    validation set, returned in their place: the test images are not touched."""
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
     digits = sk_load_digits()
     x = (digits.data / 16.0 > 0.5).astype("float32")
-    train, test = train_test_split(x, test_size=0.2, random_state=0, stratify=digits.target)
+    train, test, train_y, _ = train_test_split(x, digits.target, test_size=0.2, random_state=0,
+                                               stratify=digits.target)
+    if validation:
+        train, test = train_test_split(train, test_size=0.2, random_state=1, stratify=train_y)
     return torch.from_numpy(train), torch.from_numpy(test)
 
 
@@ -74,9 +80,18 @@ def flow_spec(kind: str, latent: int, context: int, k: int, iaf_hidden: int,
             return None
         return {"dim": latent, "context_dim": context,
                 "layers": [{"type": "planar", "hidden": []}] * k}
-    return {"preset": "iaf", "dim": latent, "context_dim": context,
-            "transforms": iaf_transforms, "hidden": [iaf_hidden, iaf_hidden],
-            "standardize": False, "loc_scale": False}
+    # IAF layers with the features reversed between them (the preset's order), and one more
+    # reversal at the end when their count is odd, so that the flow with zeroed conditioners is
+    # exactly the identity: at initialisation the posterior is the encoder's diagonal Gaussian,
+    # sample for sample, with the latent coordinates in the decoder's order.
+    iaf = {"type": "iaf", "hidden": [iaf_hidden, iaf_hidden]}
+    reverse = {"type": "permute", "kind": "reverse"}
+    layers = [iaf]
+    for _ in range(iaf_transforms - 1):
+        layers += [reverse, iaf]
+    if iaf_transforms % 2 == 0:
+        layers.append(reverse)
+    return {"dim": latent, "context_dim": context, "layers": layers}
 
 
 class VAE(nn.Module):
@@ -133,7 +148,7 @@ class VAE(nn.Module):
 
 
 def train(model: VAE, data: Tensor, *, epochs: int, lr: float, seed: int,
-          batch: int = 100) -> float:
+          batch: int = 100, on_epoch: Callable[[int], None] | None = None) -> float:
     """Train by the warmed-up negative ELBO; returns the wall-clock seconds it took."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = math.ceil(data.shape[0] / batch)
@@ -144,7 +159,7 @@ def train(model: VAE, data: Tensor, *, epochs: int, lr: float, seed: int,
     noise = torch.Generator().manual_seed(30_000 + seed)
     start, step = time.perf_counter(), 0
     model.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         for idx in torch.randperm(data.shape[0], generator=order).split(batch):
             beta = min(1.0, 0.01 + step / warm)
             log_px, log_pz, log_q = model.log_weights(data[idx], 1, noise)
@@ -155,6 +170,9 @@ def train(model: VAE, data: Tensor, *, epochs: int, lr: float, seed: int,
             opt.step()
             sched.step()
             step += 1
+        if on_epoch is not None:
+            on_epoch(epoch)
+            model.train()
     return time.perf_counter() - start
 
 
@@ -171,6 +189,16 @@ def evaluate(model: VAE, data: Tensor, samples: int, seed: int,
         elbo.append(w.mean(0))
         log_px.append(torch.logsumexp(w, 0) - math.log(samples))
     return -torch.cat(elbo).mean().item(), -torch.cat(log_px).mean().item()
+
+
+@torch.no_grad()
+def active_latents(model: VAE, data: Tensor, samples: int = 100, seed: int = 0) -> int:
+    """Latent coordinates in use (Burda et al. 2016): those whose posterior mean E_q[z_j | x],
+    estimated from ``samples`` draws, varies over the images with variance above 0.01."""
+    model.eval()
+    g = torch.Generator().manual_seed(50_000 + seed)
+    means = torch.cat([model.posterior(rows, samples, g)[0].mean(0) for rows in data.split(64)])
+    return int((means.var(0) > 0.01).sum())
 
 
 def mean_sd(values: list[float]) -> str:
@@ -225,10 +253,14 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--iaf-hidden", type=int, default=96)
     parser.add_argument("--iaf-transforms", type=int, default=2)
+    parser.add_argument("--no-iaf", action="store_true", help="planar posteriors only")
     parser.add_argument("--is-samples", type=int, default=1000)
     parser.add_argument("--test-images", type=int, default=0,
                         help="evaluate on the first N test images only (0: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--validate", action="store_true",
+                        help="model selection: train on 80%% of the training images, score the "
+                             "other 20%% (the test images are not used); prints, writes nothing")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run (defaults 2 epochs, seed 0, K in {0, 2}, 40 test images, "
                              "100 samples); prints, writes nothing")
@@ -239,11 +271,11 @@ def main() -> None:
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
     torch.set_num_threads(args.threads)
-    train_x, test_x = load_digits()
+    train_x, test_x = load_digits(validation=args.validate)
     if args.test_images:
         test_x = test_x[: args.test_images]
 
-    posteriors = [("planar", k) for k in args.ks] + [("iaf", 0)]
+    posteriors = [("planar", k) for k in args.ks] + ([] if args.no_iaf else [("iaf", 0)])
     results: dict[str, dict[str, list[float]]] = {}
     params: dict[str, tuple[int, int]] = {}
     kept: dict[str, VAE] = {}
@@ -257,25 +289,28 @@ def main() -> None:
             seconds = train(model, train_x, epochs=args.epochs, lr=args.lr, seed=seed,
                             batch=args.batch)
             neg_elbo, neg_log_px = evaluate(model, test_x, args.is_samples, seed)
-            row = results.setdefault(name, {"elbo": [], "nll": [], "time": []})
+            active = active_latents(model, test_x, seed=seed)
+            row = results.setdefault(name, {"elbo": [], "nll": [], "time": [], "active": []})
+            row["active"].append(active)
             row["elbo"].append(neg_elbo)
             row["nll"].append(neg_log_px)
             row["time"].append(seconds)
             params[name] = (model.flow_parameters(), sum(p.numel() for p in model.parameters()))
             print(f"seed {seed} {name:<28} -ELBO {neg_elbo:7.2f}  -log p(x) {neg_log_px:7.2f}  "
-                  f"train {seconds:6.1f} s  flow params {params[name][0]}", flush=True)
+                  f"train {seconds:6.1f} s  active {active}  flow params {params[name][0]}",
+                  flush=True)
             if seed == args.seeds[0] and (k in (0, max(args.ks)) or kind == "iaf"):
                 kept[name] = model
 
     base = statistics.mean(results[next(iter(results))]["time"])
     headers = ["posterior", "flow params", "test -ELBO", "test -log p(x)", "train s",
-               "time / diagonal", "-log p(x) by seed"]
+               "time / diagonal", "active latents", "-log p(x) by seed"]
     rows = [[name, f"{params[name][0]:,}", mean_sd(r["elbo"]), mean_sd(r["nll"]),
              f"{statistics.mean(r['time']):.0f}", f"{statistics.mean(r['time']) / base:.1f}x",
-             ", ".join(f"{v:.2f}" for v in r["nll"])] for name, r in results.items()]
+             ", ".join(str(a) for a in r["active"]), ", ".join(f"{v:.2f}" for v in r["nll"])] for name, r in results.items()]
     table = markdown_table(headers, rows)
     print(table)
-    if args.quick:
+    if args.quick or args.validate:
         return
 
     names = list(results)
