@@ -28,7 +28,7 @@ Evaluation on the whole test set: ``--is-samples`` (1000) importance samples per
 test -ELBO is minus their mean log-weight, -log p(x) is minus the log of their mean weight
 (``logsumexp - log S``), an upper bound on -log p(x) that tightens as S grows.
 
-    python benchmarks/paper_6_2.py [--epochs 300] [--seeds 0 1 2] [--threads 1]
+    python benchmarks/paper_6_2.py [--epochs 200] [--seeds 0 1 2] [--threads 1]
     python benchmarks/paper_6_2.py --validate   # model selection on a split of the training set
     python benchmarks/paper_6_2.py --quick      # smoke run: 2 epochs, 1 seed, prints only
 
@@ -250,7 +250,7 @@ def figure(models: dict[str, VAE], test: Tensor, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
