@@ -3,20 +3,14 @@ flow's gain over the diagonal is learned, not an accident of its construction. (
 with two transforms used to leave the latent coordinates reversed at initialisation: a posterior
 0.0 nats from the diagonal by its KL term but 1.2 nats away by the decoder's likelihood.)"""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_6_2.py"
+from .benchscripts import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("paper_6_2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("paper_6_2")
 
 
 @pytest.mark.parametrize("kind", ["iaf", "nsf"])
