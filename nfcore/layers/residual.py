@@ -64,7 +64,10 @@ class SpectralLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bound: float, scale: float = 1.0):
         super().__init__()
         linear = nn.Linear(in_features, out_features)
-        self.weight = nn.Parameter(linear.weight.detach() * scale)
+        # Orthogonal: all singular values equal, so the normalised map passes every direction at
+        # its bound, not only the few at the top of a spread-out spectrum.
+        self.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(out_features, in_features))
+                                   * scale)
         self.bias = nn.Parameter(linear.bias.detach() * scale)
         self.bound = bound
         g = torch.Generator().manual_seed(in_features * 7919 + out_features)
