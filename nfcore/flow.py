@@ -263,7 +263,8 @@ class Flow(nn.Module):
         """Fit the data-dependent layers (``standardize``, ``actnorm``) to the data ``x``, in order,
         each on the output of the layers before it. With ``knots``, also set each spline layer's
         knots so that it maps the marginals of its own input towards a standard normal (a
-        starting point for training; it overwrites what training had learned there). With a
+        starting point for training; it overwrites what training had learned there), and each
+        residual layer's activation bends (``Residual.initialize_knots``). With a
         context embedding, its standardization is set from ``context`` first."""
         h = self._points(x)
         ctx = self._context(context, h.shape[0])

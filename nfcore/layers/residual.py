@@ -13,6 +13,10 @@ as an estimate (``Flow.exact_log_prob``). Training draws its randomness from a c
 state dict, so runs are reproducible and resumable; scoring uses a fixed seed, so the same point
 always gets the same answer.
 
+``Flow.initialize`` (with ``knots``, as ``fit_density`` calls it) starts each LipSwish where the
+data bend it (``Residual.initialize_knots``): spectrally normalised wide layers hand each unit a
+small slice of the input's spread, and at the default ``beta`` the MLP would start almost linear.
+
 Spectral normalisation follows Miyato et al. (2018) in training: one power iteration per forward
 pass, its vectors ``u``, ``v`` kept as buffers (so a checkpoint resumes the same run), and
 ``W / max(1, sigma / c)`` with ``sigma = u^T W v``. At inference (``.train(False)``) the weight is
@@ -45,6 +49,7 @@ _TRAIN_TERMS = 2  # terms always computed in training, before the roulette
 _SCORE_TERMS = 10  # and when scoring above exact_dim
 _SCORE_PROBES = 4
 _SCORE_SEED = 0
+_INIT_ROWS = 2048  # rows of data that initialize_knots looks at
 
 
 class SpectralLinear(nn.Module):
@@ -59,7 +64,10 @@ class SpectralLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bound: float, scale: float = 1.0):
         super().__init__()
         linear = nn.Linear(in_features, out_features)
-        self.weight = nn.Parameter(linear.weight.detach() * scale)
+        # Orthogonal: all singular values equal, so the normalised map passes every direction at
+        # its bound, not only the few at the top of a spread-out spectrum.
+        self.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(out_features, in_features))
+                                   * scale)
         self.bias = nn.Parameter(linear.bias.detach() * scale)
         self.bound = bound
         g = torch.Generator().manual_seed(in_features * 7919 + out_features)
@@ -206,6 +214,39 @@ class Residual(Layer):
         self.g = LipschitzMLP(dim, list(hidden or [64, 64]), lipschitz, context_dim)
         # How many random estimates training has drawn: seeds the next, so a resumed run repeats.
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ data-dependent start
+    @torch.no_grad()
+    def initialize_knots(self, x: Tensor, context: Tensor | None = None) -> None:
+        """Put the bends of ``g``'s activations where the data are (``Flow.initialize``, as the
+        splines' knots). Behind a spectrally normalised map of width ``h`` each unit sees about
+        ``1 / sqrt(h)`` of its input's spread, so with the default ``beta`` LipSwish works in its
+        near-linear stretch (slope about 1/2 everywhere) and ``g`` is close to a linear map. Layer
+        by layer, ``beta`` is set to one over the units' mean spread on ``x`` (LipSwish then bends
+        across the data), and each unit's bias so that its bend sits at a quantile of its own
+        pre-activations drawn uniformly in [0.1, 0.9] (bends spread over the data, not all at its
+        centre). Neither touches the Lipschitz bound: ``beta`` and the biases are free in it."""
+        if x.shape[0] < 2:
+            return
+        rows = x[:: max(1, x.shape[0] // _INIT_ROWS)]
+        ctx = None if context is None else context[:: max(1, x.shape[0] // _INIT_ROWS)]
+        g = torch.Generator().manual_seed(self.dim * 104_729 + len(self.g.linears))
+        weights = self.g.weights()
+        h = rows
+        for i, (act, lin, (w, _)) in enumerate(zip(self.g.activations, self.g.linears, weights,
+                                                   strict=False)):
+            a = h @ w.T
+            if i == 0 and self.g.context is not None:
+                a = a + self.g.context(ctx)
+            spread = float(a.std(0).mean())
+            if not math.isfinite(spread) or spread <= 1e-12:
+                return
+            q = 0.1 + 0.8 * torch.rand(a.shape[1], generator=g, dtype=torch.float64)
+            bends = torch.quantile(a.double(), q, dim=0).diagonal()
+            lin.bias.copy_(-bends.to(lin.bias))
+            beta = min(1.0 / spread, 1e4)
+            act.beta.fill_(beta if beta > 30.0 else math.log(math.expm1(beta)))  # softplus^-1
+            h, _ = act.value_and_derivative(a + lin.bias)
 
     # ------------------------------------------------------------------ log-determinant
     def _log_det(self, weights: list, derivatives: list[Tensor], n: int, like: Tensor) -> Tensor:

@@ -96,7 +96,8 @@ def fit_density(
     data-dependent layers to the training rows first (``standardize`` to their mean and scale, so
     ``log_prob`` stays in data units and any scale or offset is reached; ``loc_scale`` to their
     correlations; ``actnorm``), and (with ``init_knots``) starts each spline layer from knots that
-    map the marginals of its input close to a standard normal.
+    map the marginals of its input close to a standard normal, and each residual layer's
+    activations from bends placed in its input's range.
     The validation loss is computed every ``validate_every`` steps (default: once per epoch, but
     every 20 to 100 steps); after ``patience`` checks without improvement training stops, and the best
     weights are restored at the end. With ``validation_fraction=0`` there is no early stopping.
@@ -123,7 +124,8 @@ def fit_density(
             raised and nothing is written.
         checkpoint_path: a ``.safetensors`` file written atomically every ``checkpoint_every_s``
             seconds and at the end; with ``resume=True`` an existing one is continued.
-        init_knots: set the spline layers' knots from the data before training (see
+        init_knots: set the spline layers' knots (and the residual layers' activation bends)
+            from the data before training (see
             ``Flow.initialize``); False keeps the flow's own, e.g. to go on from a trained flow.
         loss: ``"likelihood"`` (maximum likelihood), ``"flow_matching"`` (for a flow ending in a
             ``cnf`` layer; see ``nfcore.train.FlowMatching``, whose instances are accepted too)

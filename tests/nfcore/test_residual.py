@@ -159,3 +159,33 @@ def test_resflow_preset_puts_actnorm_before_each_block_and_fits_data():
     # Sampling inverts every block after training too.
     x, log_q = flow.sample_and_log_prob(64, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(flow.log_prob(x), log_q, atol=1e-3)
+
+
+def test_initialize_puts_the_activations_bends_where_the_data_are():
+    torch.manual_seed(0)
+    spec = {"preset": "resflow", "dim": 3, "transforms": 2, "hidden": [32, 32], "lipschitz": 0.9}
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(3000, 3, generator=g) * torch.tensor([5.0, 0.2, 1.0]) + 3.0
+    untouched = nfcore.build(spec)
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    untouched.initialize(data, knots=False)  # knots=False keeps the activations as they were
+    assert all(torch.equal(v, before[k]) for k, v in untouched.state_dict().items()
+               if ".g." in k)
+    flow = nfcore.build(spec).initialize(data)
+    h, checked = data, 0
+    for layer in flow.layers:
+        if isinstance(layer, Residual):
+            a = h
+            for act, (w, b) in zip(layer.g.activations, layer.g.weights(), strict=False):
+                pre = a @ w.T  # the pre-activations without the bias
+                beta = torch.nn.functional.softplus(act.beta)
+                assert torch.isclose(beta * pre.std(0).mean(), torch.tensor(1.0), rtol=1e-3)
+                lo, hi = torch.quantile(pre, torch.tensor([0.05, 0.95]), dim=0)
+                assert ((-b >= lo) & (-b <= hi)).all()  # every bend inside the data
+                a = act.value_and_derivative(pre + b)[0]
+                checked += 1
+        h = layer(h)[0]
+    assert checked == 4
+    # The bound is untouched, and the flow still inverts.
+    z = flow.transform(data[:64])[0]
+    assert torch.allclose(flow.layers[-1].inverse(flow.layers[-1](z)[0])[0], z, atol=1e-4)
