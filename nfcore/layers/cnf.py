@@ -28,6 +28,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+# Imported with nfcore, never lazily: torchdiffeq builds its Butcher tableaux as module-level
+# tensors, and a first import inside ``torch.inference_mode`` (a first scoring call) made them
+# inference tensors, which every later solve with autograd then refused to use.
+from torchdiffeq import odeint
+
 from ..errors import ConvergenceError
 from ..limits import check_deadline
 from .base import Dense, Layer
@@ -328,8 +333,6 @@ class CNF(Layer):
     def integrate(self, x: Tensor, context: Tensor | None, t0: float,
                   t1: float) -> tuple[Tensor, Tensor]:
         """Solve from ``t0`` to ``t1``: the end state and ``int_{t0}^{t1} div v dt``."""
-        from torchdiffeq import odeint
-
         sign = 1.0 if t1 >= t0 else -1.0
         f = self.field.ode(context, self._probe(x), sign)
         evaluations = 0

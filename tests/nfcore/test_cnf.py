@@ -245,3 +245,27 @@ def test_float32_solve_follows_the_float64_solve_at_the_served_tolerance():
         _, ladj = layer(x.float())
         _, ladj_double = double(x)
     assert float((ladj.double() - ladj_double).abs().max()) < 1e-5
+
+
+def test_a_first_solve_in_inference_mode_leaves_autograd_solves_working():
+    """In a fresh interpreter, a cnf's first log_prob under ``torch.inference_mode`` (as a server's
+    first request or a benchmark makes it) must not break later training: torchdiffeq's module-level
+    tableaux were once created on that first call, as inference tensors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import torch, nfcore
+flow = nfcore.build({"preset": "cnf", "dim": 2})
+with torch.inference_mode():
+    flow.log_prob(torch.zeros(3, 2))
+x = torch.zeros(3, 2, requires_grad=True)
+flow.log_prob(x).sum().backward()
+assert x.grad is not None and torch.isfinite(x.grad).all()
+print("ok")
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
