@@ -255,14 +255,20 @@ def test_a_first_solve_in_inference_mode_leaves_autograd_solves_working():
     import sys
     from pathlib import Path
 
+    # A float32 first solve, then a float64 training pass (the tableaux' float64 copies are the
+    # module-level tensors themselves), with moved parameters so that the step sizes carry grad.
     code = """
 import torch, nfcore
 flow = nfcore.build({"preset": "cnf", "dim": 2})
 with torch.inference_mode():
     flow.log_prob(torch.zeros(3, 2))
-x = torch.zeros(3, 2, requires_grad=True)
-flow.log_prob(x).sum().backward()
-assert x.grad is not None and torch.isfinite(x.grad).all()
+torch.manual_seed(0)
+flow = nfcore.build({"preset": "cnf", "dim": 3, "dtype": "float64", "hidden": [16, 16]})
+with torch.no_grad():
+    for p in flow.parameters():
+        p.add_(0.3 * torch.randn_like(p))
+flow.log_prob(torch.randn(7, 3, dtype=torch.float64)).sum().backward()
+assert all(p.grad is not None for p in flow.parameters() if p.requires_grad)
 print("ok")
 """
     root = Path(__file__).resolve().parents[2]
