@@ -163,6 +163,16 @@ def fit_density(
     n = x.shape[0]
     if n < 2:
         raise ShapeError(f"Expected at least 2 rows of data; got {n}")
+    # A column with one value has no density (it is infinite there): every preset either diverged
+    # or reported a meaningless loss on it, so it is refused up front, by name.
+    constant = (x.amax(0) == x.amin(0)).nonzero().flatten().tolist()
+    if constant:
+        first = constant[0]
+        raise ShapeError(
+            f"data column {first} is constant (every row is {float(x[0, first]):g})"
+            + (f", and so are columns {constant[1:]}" if len(constant) > 1 else "")
+            + ": a fixed value has no density to learn; drop it (and add it back as a constant), "
+              "or send the data with its real spread")
     if not (isinstance(validation_fraction, int | float) and 0 <= validation_fraction < 1):
         raise ValueError(f"Expected validation_fraction in [0, 1); got {validation_fraction!r}")
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)

@@ -129,6 +129,11 @@ def test_epochs_budget_and_conditional_flow():
         ({"data": np.full((10, 2), np.nan)}, ShapeError, "finite"),
         ({"data": np.zeros((1, 2))}, ShapeError, "at least 2 rows"),
         ({"data": [["a", "b"]]}, ShapeError, "numeric"),
+        # one value in a column: no density exists (every preset diverged or reported nonsense)
+        ({"data": np.column_stack([np.arange(10.0), np.full(10, 3.0)])}, ShapeError,
+         r"data column 1 is constant \(every row is 3\)"),
+        ({"data": np.full((10, 2), -2.5)}, ShapeError,
+         r"data column 0 is constant \(every row is -2.5\), and so are columns \[1\]"),
         ({"steps": 5, "epochs": 1}, ValueError, "steps or epochs, not both"),
         ({"steps": 0}, ValueError, "steps to be a positive integer"),
         ({"schedule": "warp"}, ValueError, "schedule in"),
