@@ -6,9 +6,6 @@ Context errors are 422s that name the problem."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import numpy as np
 import pytest
@@ -16,9 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from nfcore import targets
-from service.api import create_app
 from service.client import Client, InvalidInput
-from service.settings import Settings
 
 from ..jobsupport import Deployment, deployment, wait_job
 
@@ -43,14 +38,6 @@ def contexts(n: int, seed: int = 0) -> list[list[float]]:
 def job(objective: dict, flow: dict | None = None) -> dict:
     return {"name": "amortized", "flow": flow or FLOW, "objective": objective,
             "training": {"steps": 20, "batch_size": 32}}
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data",
-                        embedded_worker=False, device="cpu", _env_file=None)
-    with TestClient(create_app(settings)) as client:
-        yield client
 
 
 @pytest.mark.parametrize(("objective", "flow", "message"), [

@@ -6,8 +6,6 @@ values; a fresh API process rebuilds the target from the artifact alone (no code
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +14,7 @@ from fastapi.testclient import TestClient
 
 import nfcore
 from nfcore import targets
-from service.api import create_app
 from service.client import Client, InvalidInput
-from service.settings import Settings
 
 from ..jobsupport import Deployment, deployment, wait_job
 
@@ -41,14 +37,6 @@ def job(target: dict, name: str = "posterior", flow: dict | None = None) -> dict
     return {"name": name, "flow": flow or FLOW,
             "objective": {"kind": "variational", "target": target},
             "training": {"steps": 40, "batch_size": 64}}
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data",
-                        embedded_worker=False, device="cpu", _env_file=None)
-    with TestClient(create_app(settings)) as client:
-        yield client
 
 
 @pytest.mark.parametrize(("change", "message"), [
