@@ -228,8 +228,9 @@ class Residual(Layer):
         centre). Neither touches the Lipschitz bound: ``beta`` and the biases are free in it."""
         if x.shape[0] < 2:
             return
-        rows = x[:: max(1, x.shape[0] // _INIT_ROWS)]
-        ctx = None if context is None else context[:: max(1, x.shape[0] // _INIT_ROWS)]
+        stride = max(1, x.shape[0] // _INIT_ROWS)
+        rows = x[::stride]
+        ctx = None if context is None else context[::stride]
         g = torch.Generator().manual_seed(self.dim * 104_729 + len(self.g.linears))
         weights = self.g.weights()
         h = rows

@@ -130,11 +130,14 @@ class Batcher:
         """Take a cancelled request (timed out, or its client went away) out of the queue at
         once, so it neither runs nor holds a place in the queue's bounds."""
         with self._cond:
-            # Not deque.remove's ValueError: its message formats the missing item (and once
-            # formatted its whole array, per request cancelled after its batch was taken).
-            if not any(queued is item for queued in self._queue):
+            # One scan by identity, not deque.remove: its ValueError for a missing item formats
+            # that item (once its whole array, per request cancelled after its batch was taken).
+            for i, queued in enumerate(self._queue):
+                if queued is item:
+                    del self._queue[i]
+                    break
+            else:
                 return  # already taken into a batch: skipped there
-            self._queue.remove(item)
             self._queued_rows -= item.rows
             if self.metrics:
                 self.metrics.dropped.labels(self.label).inc()
