@@ -133,6 +133,30 @@ def test_seeded_samples_do_not_depend_on_batching(flow: nfcore.Flow) -> None:
         np.testing.assert_allclose(lq, want_lq.numpy(), rtol=1e-6, atol=1e-6)
 
 
+def test_only_a_request_to_an_idle_model_skips_the_queue_delay(flow: nfcore.Flow) -> None:
+    # A queue delay of an hour: a request that finds its model idle runs at once; one that comes
+    # while another is unanswered waits for its batch to fill, as before.
+    batcher, lock = batcher_of(flow, BatcherConfig(max_queue_delay_s=3600.0))
+
+    async def main() -> None:
+        lone = make_job("sample", 2, seed=0)
+        batcher.submit(lone)
+        await asyncio.wait_for(lone.future, 60)
+        with lock:
+            first = await taken(batcher, make_job("sample", 1, seed=1))
+            second = make_job("sample", 1, seed=2)
+            batcher.submit(second)
+        await asyncio.wait_for(first.future, 60)
+        await asyncio.sleep(0.2)
+        assert (lone.alone, first.alone, second.alone) == (True, True, False)
+        assert not second.future.done() and batcher.queued_rows == 1  # waiting for company
+        await asyncio.to_thread(batcher.close)  # closing runs what is queued
+        assert isinstance(await asyncio.wait_for(second.future, 60), tuple)
+
+    asyncio.run(main())
+    assert batcher.batches == 3
+
+
 def test_full_queue_fails_fast_with_overloaded(flow: nfcore.Flow) -> None:
     batcher, lock = batcher_of(flow, BatcherConfig(max_queued_rows=10))
 
