@@ -45,6 +45,10 @@ class Settings(BaseSettings):
                           "protocol layer as the routes, without FastAPI's per-request routing "
                           "and dependency work.")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="Longest wait to fill a batch.")
+    run_idle_at_once: bool = Field(
+        True, description="A request that finds its model idle (nothing queued, running or "
+                          "unanswered) runs at once instead of waiting max_queue_delay_ms for "
+                          "company; false: every batch waits (Triton's behaviour).")
     max_queued_rows: int = Field(4_000_000, ge=1, description="Rows waiting per model before 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of an inference request.")
     max_queued_requests: int = Field(

@@ -6,7 +6,8 @@ the same kind up to ``max_batch_rows``, waiting at most ``max_queue_delay`` afte
 arrived for the batch to fill (Triton's two knobs). A request that finds its model idle (nothing
 queued, running or unanswered) runs at once instead: with nobody else in flight the wait could
 only add the delay to a lone client's latency (2 ms on a 1-2 ms query), while under concurrent
-load every request finds others in flight and the batch fills as before. It hands the batch to ``run``, a function that
+load every request finds others in flight and the batch fills as before
+(``run_idle_at_once=False`` restores the plain wait). It hands the batch to ``run``, a function that
 returns one result per request (``service.inference.forward`` for a flow), and gives each request
 its result through its event loop (one ``call_soon_threadsafe`` per batch and loop, not per
 request). The batcher knows nothing about models, as Ray Serve's does not.
@@ -40,6 +41,7 @@ class BatcherConfig:
     batching: bool = True
     max_batch_rows: int = 65536
     max_queue_delay_s: float = 0.002
+    run_idle_at_once: bool = True  # a request that finds the model idle skips the queue delay
     max_queued_rows: int = 4_000_000
     max_queued_requests: int = 0  # requests waiting before 503; 0: bounded by rows only
     torch_threads: int = 0  # intra-op threads of the inference thread; 0: leave torch's default
@@ -122,7 +124,7 @@ class Batcher:
                     f"Model {self.label} is overloaded: {self._queued_rows} rows already queued "
                     f"(limit {self.config.max_queued_rows}); retry later")
             was_empty = not self._queue
-            item.alone = self._open == 0
+            item.alone = self._open == 0 and self.config.run_idle_at_once
             self._open += 1
             self._queue.append(item)
             self._queued_rows += item.rows

@@ -64,6 +64,7 @@ class ModelCache:
         self.config = BatcherConfig(
             batching=settings.batching, max_batch_rows=settings.max_batch_rows,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            run_idle_at_once=settings.run_idle_at_once,
             max_queued_rows=settings.max_queued_rows, torch_threads=settings.torch_threads,
             max_queued_requests=settings.max_queued_requests)
         self._cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()

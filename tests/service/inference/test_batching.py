@@ -156,6 +156,19 @@ def test_only_a_request_to_an_idle_model_skips_the_queue_delay(flow: nfcore.Flow
     asyncio.run(main())
     assert batcher.batches == 3
 
+    # run_idle_at_once=False: even a lone request waits the delay (Triton's behaviour).
+    strict, _ = batcher_of(flow, BatcherConfig(max_queue_delay_s=3600.0, run_idle_at_once=False))
+
+    async def lone_waits() -> None:
+        job = make_job("sample", 2, seed=0)
+        strict.submit(job)
+        await asyncio.sleep(0.2)
+        assert not job.alone and not job.future.done()
+        await asyncio.to_thread(strict.close)
+        assert isinstance(await asyncio.wait_for(job.future, 60), tuple)
+
+    asyncio.run(lone_waits())
+
 
 def test_full_queue_fails_fast_with_overloaded(flow: nfcore.Flow) -> None:
     batcher, lock = batcher_of(flow, BatcherConfig(max_queued_rows=10))

@@ -1,5 +1,5 @@
-"""Request control against a real server whose batcher waits 1.5 s to fill a batch (so requests
-stay queued long enough to act on them): a request's ``timeout_ms`` drops it unrun with 408, a
+"""Request control against a real server whose batcher waits 1.5 s to fill every batch, even a
+lone request's (so requests stay queued long enough to act on them): a request's ``timeout_ms`` drops it unrun with 408, a
 client that disconnects has its queued request dropped unrun, the queue's request bound answers
 503, and models are warmed up as they load (at start-up for ``preload_models``). The knobs that
 need no queue are tested on an in-process app."""
@@ -30,7 +30,8 @@ from .metricsupport import scrape, value, wait_for
 @pytest.fixture(scope="module")
 def slow_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("control"), {
-        "NFSERVE_MAX_QUEUE_DELAY_MS": "1500", "NFSERVE_MAX_QUEUED_REQUESTS": "2",
+        "NFSERVE_MAX_QUEUE_DELAY_MS": "1500", "NFSERVE_RUN_IDLE_AT_ONCE": "false",
+        "NFSERVE_MAX_QUEUED_REQUESTS": "2",
         "NFSERVE_PRELOAD_MODELS": "tiny", "NFSERVE_WARMUP_ROWS": "8"})
     yield srv
     stop_server(srv)
