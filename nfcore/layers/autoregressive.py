@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MADE, Layer, zero_output
+from .base import MADE, Layer, lean, zero_output
 from .elementwise import Affine, RationalQuadratic
 
 __all__ = ["Autoregressive", "MAF", "IAF", "NSFAutoregressive"]
@@ -30,6 +30,15 @@ class Autoregressive(Layer):
         self.fast_inverse = inverse_autoregressive
 
     def _parallel(self, v: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        planar = getattr(self.elementwise, "planar", None)
+        if planar is not None and lean():
+            # Lean path: the conditioner's output as contiguous parameter planes (no short last
+            # axis for the kernel to reduce over); the elements in feature-major order.
+            n, f = v.shape
+            order, pad = self.elementwise.planar_layout
+            planes = self.made.planes(v, context, order, pad)
+            out, ladj = planar(v.T.reshape(-1), planes.view(planes.shape[0], -1), inverse)
+            return out.view(f, n).T, ladj.view(f, n).sum(0)
         out, ladj = self.elementwise(v, self.made(v, context), inverse)
         return out, ladj.sum(-1)
 

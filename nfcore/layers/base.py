@@ -147,6 +147,27 @@ class MaskedLinear(Dense):
     def forward(self, x: Tensor) -> Tensor:
         return (x @ self.masked_weight().T).add_(self.bias)
 
+    def planar_weight(self, groups: int, order: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """The masked weight and the bias with their output rows reordered from ``(group,
+        param)`` to ``(param, group)``, the params in ``order`` (``groups`` groups of
+        ``len(order)`` rows), so that ``W @ x.T`` gives each parameter of every group as one
+        contiguous plane. Cached like ``masked_weight`` (lean path only)."""
+        def reorder(t: Tensor) -> Tensor:
+            index = torch.tensor(order, device=t.device)
+            return t.unflatten(0, (groups, -1))[:, index].transpose(0, 1).flatten(0, 1).contiguous()
+
+        w, b, mask = self.weight, self.bias, self.mask
+        if not lean() or w.is_inference() or b.is_inference() or mask.is_inference():
+            return reorder(self.masked_weight()), reorder(b)
+        key = (w._version, w.data_ptr(), b._version, b.data_ptr(), mask._version, w.device,
+               w.dtype, groups, order)
+        cached = self.__dict__.get("_planar")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, reorder(self.masked_weight()).detach(), reorder(b).detach())
+            self.__dict__["_planar"] = cached
+        return cached[1], cached[2]
+
 
 class MADE(nn.Module):
     """Masked autoencoder for distribution estimation (Germain et al. 2015).
@@ -191,6 +212,27 @@ class MADE(nn.Module):
         if context is not None:
             x = torch.cat([context, x], dim=-1)
         return self.net(x).unflatten(-1, (self.features, self.params))
+
+    def planes(self, x: Tensor, context: Tensor | None = None, order: tuple[int, ...] | None = None,
+               pad: tuple[int, int] = (0, 0)) -> Tensor:
+        """``forward`` laid out as parameter planes, shape ``(pad[0] + params + pad[1], features,
+        N)``, contiguous: ``planes(x)[pad[0] + j, i, n] == forward(x)[n, i, order[j]]``; the
+        ``pad`` planes before and after are left uninitialized, for the caller's use. The output
+        layer computes ``W @ h.T`` with its rows reordered once (``MaskedLinear.planar_weight``),
+        so each parameter of every feature comes out as one contiguous row: an element-wise kernel
+        then works on whole planes, not on a short last axis. Lean path only (no autograd)."""
+        if context is not None:
+            x = torch.cat([context, x], dim=-1)
+        h = x
+        for module in self.net[:-1]:
+            h = module(h)
+        order = tuple(range(self.params)) if order is None else tuple(order)
+        weight, bias = self.net[-1].planar_weight(self.features, order)
+        rows, n = weight.shape[0], h.shape[0]
+        out = h.new_empty((pad[0] * self.features + rows + pad[1] * self.features) * n)
+        body = out[pad[0] * self.features * n :][: rows * n].view(rows, n)
+        torch.mm(weight, h.T, out=body).add_(bias[:, None])
+        return out.view(-1, self.features, n)
 
     def feature_params(self, x: Tensor, context: Tensor | None, i: int) -> Tensor:
         """The parameters of feature ``i`` alone, shape ``(N, params)``, from ``x[:, :i]``.

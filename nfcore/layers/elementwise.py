@@ -192,6 +192,93 @@ class RationalQuadratic:
         dk1 = torch.where(idx == k - 1, one, d[..., 1])
         return _in_bin(u, v, inside, xk, yk, wk, hk, dk, dk1, bound, inverse)
 
+    @property
+    def planar_layout(self) -> tuple[tuple[int, ...], tuple[int, int]]:
+        """The parameter order and the padding planes that ``planar`` takes (see ``MADE.planes``):
+        row ``r`` of ``bins + 1`` rows of 3 planes holds the width and height of bin ``r - 1`` and
+        the raw derivative at inner knot ``r``; row 0 and the last row's derivative are padding."""
+        k = self.bins
+        order = []
+        for r in range(1, k + 1):
+            order += [r - 1, k + r - 1] + ([2 * k + r - 1] if r < k else [])
+        return tuple(order), (3, 1)
+
+    def planar(self, v: Tensor, planes: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """``_lean`` on parameter planes: ``v`` of shape ``(M,)`` (the elements, in any fixed
+        order) and ``planes`` of shape ``(3 * (bins + 1), M)``, contiguous, laid out as
+        ``planar_layout`` says (``MADE.planes`` gives that), which it overwrites. Every operation
+        is then a pass over whole contiguous planes, where on ``(N, F, P)`` a sum, a cumulative
+        sum or a comparison over the short last axis runs several times slower per element.
+        Widths and heights stay unnormalized: their cumulative sums are ``bins - 1`` in-place adds
+        (row 0 is zero), the search compares normalized inner edges, and one gather takes, for
+        each element, both edges of its bin in x and y and the raw derivatives at both knots;
+        only those are normalized. The same values as ``_lean`` to float rounding."""
+        k, bound = self.bins, self.bound
+        minimum = self.min_width
+        assert self.min_height == minimum  # one normalization for widths and heights
+        m = v.shape[0]
+        rows = planes.view(k + 1, 3, m)
+        rows[0].zero_()  # the edge before bin 0, and knot 0's derivative (replaced below)
+        rows[k, 2].zero_()  # knot k's derivative (replaced below)
+        cum = rows[1:, :2].clamp_(-40.0, 40.0).exp_()  # (K, 2, M): widths, heights
+        for j in range(1, k):
+            cum[j].add_(cum[j - 1])
+        scale = cum[k - 1].reciprocal().mul_(1.0 - minimum * k)  # (2, M): x, y
+
+        outside = v.abs() > bound
+        u = v.clamp(-bound, bound).add_(bound).mul_(1.0 / (2.0 * bound))
+        # searchsorted(right, u, right=True).clamp(max=k-1): the inner right edges at or below u.
+        s = 1 if inverse else 0
+        steps = torch.arange(1, k, dtype=v.dtype, device=v.device).mul_(minimum)[:, None]
+        edges = torch.addcmul(steps, cum[: k - 1, s], scale[s])
+        count = torch.le(edges, u, out=edges).sum(0)  # (M,), float
+        idx = count.long()
+        both = torch.stack([idx, idx + 1])[:, None].expand(2, 3, m)
+        at = rows.gather(0, both)  # (2, 3, M): the bin's left and right row
+        lo = torch.addcmul(count.mul_(minimum), at[0, :2], scale)  # (2, M): xk, yk
+        size = (at[1, :2] - at[0, :2]).mul_(scale).add_(minimum)  # (2, M): wk, hk
+        d = F.softplus(at[:, 2].add_(_DERIVATIVE_SHIFT)).add_(self.min_derivative)
+        d[0].masked_fill_(idx == 0, 1.0)  # both end knots: derivative 1 (identity tails)
+        d[1].masked_fill_(idx == k - 1, 1.0)
+        xk, yk = lo.unbind(0)
+        wk, hk = size.unbind(0)
+        return _in_bin_lean(u, v, outside, xk, yk, wk, hk, d[0], d[1], bound, inverse)
+
+
+def _in_bin_lean(u: Tensor, v: Tensor, outside: Tensor, xk: Tensor, yk: Tensor, wk: Tensor,
+                 hk: Tensor, dk: Tensor, dk1: Tensor, bound: float, inverse: bool
+                 ) -> tuple[Tensor, Tensor]:
+    """``_in_bin`` in fewer passes, in place (its arguments are the caller's temporaries: ``u``,
+    ``xk``, ``yk``, ``wk`` and ``hk`` are overwritten), the same formulas to float rounding."""
+    s = hk / wk
+    t = torch.add(dk, dk1).sub_(s, alpha=2.0)
+    if inverse:
+        dy = u.sub_(yk)
+        a = torch.addcmul(hk * (s - dk), dy, t)
+        b = torch.addcmul(hk * dk, dy, t, value=-1.0)
+        c = s.neg() * dy
+        disc = torch.addcmul(b * b, a, c, value=-4.0).clamp_(min=0.0)
+        xi = c.mul_(2.0).div_(disc.sqrt_().add_(b).neg_()).clamp_(0.0, 1.0)
+        out = torch.addcmul(xk, xi, wk)
+    else:
+        xi = u.sub_(xk).div_(wk).clamp_(0.0, 1.0)
+    om = 1.0 - xi
+    xi1 = xi * om
+    den = torch.addcmul(s, t, xi1)
+    dom = dk * om
+    if not inverse:
+        # yk + hk (s xi^2 + dk xi (1 - xi)) / den
+        out = torch.addcmul(dom, s, xi).mul_(xi).mul_(hk).div_(den).add_(yk)
+    # num = dk1 xi^2 + 2 s xi (1 - xi) + dk (1 - xi)^2; log(s^2 num / den^2), one logarithm
+    num = torch.addcmul(dk1 * xi, s, om, value=2.0).mul_(xi).addcmul_(dom, om)
+    ratio = s.div_(den)
+    ladj = ratio.mul_(ratio).mul_(num).log_()
+    if inverse:
+        ladj = ladj.neg_()
+    out = out.mul_(2.0 * bound).sub_(bound)
+    out = torch.where(outside, v, out)
+    return out, ladj.masked_fill_(outside, 0.0)
+
 
 def _in_bin(u: Tensor, v: Tensor, inside: Tensor, xk: Tensor, yk: Tensor, wk: Tensor, hk: Tensor,
             dk: Tensor, dk1: Tensor, bound: float, inverse: bool) -> tuple[Tensor, Tensor]:
