@@ -147,26 +147,31 @@ class MaskedLinear(Dense):
     def forward(self, x: Tensor) -> Tensor:
         return (x @ self.masked_weight().T).add_(self.bias)
 
-    def planar_weight(self, groups: int, order: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """The masked weight and the bias with their output rows reordered from ``(group,
-        param)`` to ``(param, group)``, the params in ``order`` (``groups`` groups of
-        ``len(order)`` rows), so that ``W @ x.T`` gives each parameter of every group as one
-        contiguous plane. Cached like ``masked_weight`` (lean path only)."""
-        def reorder(t: Tensor) -> Tensor:
-            index = torch.tensor(order, device=t.device)
-            return t.unflatten(0, (groups, -1))[:, index].transpose(0, 1).flatten(0, 1).contiguous()
+    def augmented_weight(self, groups: int = 1, order: tuple[int, ...] | None = None) -> Tensor:
+        """``[weight * mask | bias]``, shape ``(out, in + 1)``: ``W_aug @ [x.T; 1]`` is the layer's
+        output transposed, the bias added by the matmul itself (no pass over the output). With
+        ``order``, the output rows are reordered from ``(group, param)`` to ``(param, group)``,
+        the params in ``order`` (``groups`` groups of ``len(order)`` rows), so that each
+        parameter of every group comes out as one contiguous row. Cached like ``masked_weight``
+        (lean path only)."""
+        def build() -> Tensor:
+            aug = torch.cat([self.masked_weight(), self.bias[:, None]], dim=1)
+            if order is None:
+                return aug.contiguous()
+            index = torch.tensor(order, device=aug.device)
+            return aug.unflatten(0, (groups, -1))[:, index].transpose(0, 1).flatten(0, 1).contiguous()
 
         w, b, mask = self.weight, self.bias, self.mask
         if not lean() or w.is_inference() or b.is_inference() or mask.is_inference():
-            return reorder(self.masked_weight()), reorder(b)
+            return build()
         key = (w._version, w.data_ptr(), b._version, b.data_ptr(), mask._version, w.device,
                w.dtype, groups, order)
-        cached = self.__dict__.get("_planar")
+        cached = self.__dict__.get("_augmented")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, reorder(self.masked_weight()).detach(), reorder(b).detach())
-            self.__dict__["_planar"] = cached
-        return cached[1], cached[2]
+                cached = (key, build().detach())
+            self.__dict__["_augmented"] = cached
+        return cached[1]
 
 
 class MADE(nn.Module):
@@ -214,25 +219,42 @@ class MADE(nn.Module):
         return self.net(x).unflatten(-1, (self.features, self.params))
 
     def planes(self, x: Tensor, context: Tensor | None = None, order: tuple[int, ...] | None = None,
-               pad: tuple[int, int] = (0, 0)) -> Tensor:
-        """``forward`` laid out as parameter planes, shape ``(pad[0] + params + pad[1], features,
-        N)``, contiguous: ``planes(x)[pad[0] + j, i, n] == forward(x)[n, i, order[j]]``; the
-        ``pad`` planes before and after are left uninitialized, for the caller's use. The output
-        layer computes ``W @ h.T`` with its rows reordered once (``MaskedLinear.planar_weight``),
-        so each parameter of every feature comes out as one contiguous row: an element-wise kernel
-        then works on whole planes, not on a short last axis. Lean path only (no autograd)."""
+               pad: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor]:
+        """``forward`` laid out as parameter planes, and ``x.T`` (contiguous, shape
+        ``(features, N)``). The planes have shape ``(pad[0] + params + pad[1], features, N)``,
+        contiguous: ``planes[pad[0] + j, i, n] == forward(x)[n, i, order[j]]``; the ``pad``
+        planes before and after are left uninitialized, for the caller's use.
+
+        The whole network runs transposed, ``h.T = W_aug @ [h_prev.T; 1]``, with each layer's
+        bias as one more column of its weight (``MaskedLinear.augmented_weight``, its output rows
+        reordered once for the last layer): each parameter of every feature comes out as one
+        contiguous row, so an element-wise kernel works on whole planes, not on a short last
+        axis, and no pass adds a bias. Lean path only (no autograd)."""
+        n = x.shape[0]
+        linears = [m for m in self.net if isinstance(m, MaskedLinear)]
+        acts = [m for m in self.net if not isinstance(m, MaskedLinear)]
+        h = x.new_empty(self.context + self.features + 1, n)
         if context is not None:
-            x = torch.cat([context, x], dim=-1)
-        h = x
-        for module in self.net[:-1]:
-            h = module(h)
+            h[: self.context].copy_(context.T)
+        xt = h[self.context : self.context + self.features]
+        xt.copy_(x.T)
+        h[-1].fill_(1.0)
+        for layer, act in zip(linears[:-1], acts, strict=True):
+            weight = layer.augmented_weight()
+            nxt = x.new_empty(weight.shape[0] + 1, n)
+            body = nxt[:-1]
+            torch.mm(weight, h, out=body)
+            result = act(body)
+            if result.data_ptr() != body.data_ptr():  # an activation that is not in place
+                body.copy_(result)
+            nxt[-1].fill_(1.0)
+            h = nxt
         order = tuple(range(self.params)) if order is None else tuple(order)
-        weight, bias = self.net[-1].planar_weight(self.features, order)
-        rows, n = weight.shape[0], h.shape[0]
-        out = h.new_empty((pad[0] * self.features + rows + pad[1] * self.features) * n)
-        body = out[pad[0] * self.features * n :][: rows * n].view(rows, n)
-        torch.mm(weight, h.T, out=body).add_(bias[:, None])
-        return out.view(-1, self.features, n)
+        weight = linears[-1].augmented_weight(self.features, order)
+        rows = weight.shape[0]
+        out = x.new_empty((pad[0] * self.features + rows + pad[1] * self.features) * n)
+        torch.mm(weight, h, out=out[pad[0] * self.features * n :][: rows * n].view(rows, n))
+        return out.view(-1, self.features, n), xt
 
     def feature_params(self, x: Tensor, context: Tensor | None, i: int) -> Tensor:
         """The parameters of feature ``i`` alone, shape ``(N, params)``, from ``x[:, :i]``.
