@@ -36,8 +36,9 @@ class Autoregressive(Layer):
             # axis for the kernel to reduce over); the elements in feature-major order.
             n, f = v.shape
             order, pad = self.elementwise.planar_layout
-            planes, vt = self.made.planes(v, context, order, pad)
-            out, ladj = planar(vt.view(-1), planes.view(planes.shape[0], -1), inverse)
+            groups = self.made.plane_groups()
+            planes, vt = self.made.planes(v, context, order, pad, groups)
+            out, ladj = planar(vt.view(-1), planes.view(groups, planes.shape[1], -1), inverse)
             return out.view(f, n).T, ladj.view(f, n).sum(0)
         out, ladj = self.elementwise(v, self.made(v, context), inverse)
         return out, ladj.sum(-1)

@@ -204,45 +204,51 @@ class RationalQuadratic:
         return tuple(order), (3, 1)
 
     def planar(self, v: Tensor, planes: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """``_lean`` on parameter planes: ``v`` of shape ``(M,)`` (the elements, in any fixed
-        order) and ``planes`` of shape ``(3 * (bins + 1), M)``, contiguous, laid out as
-        ``planar_layout`` says (``MADE.planes`` gives that), which it overwrites. Every operation
-        is then a pass over whole contiguous planes, where on ``(N, F, P)`` a sum, a cumulative
-        sum or a comparison over the short last axis runs several times slower per element.
-        Widths and heights stay unnormalized: their cumulative sums are ``bins - 1`` in-place adds
-        (row 0 is zero), the search compares normalized inner edges, and one gather takes, for
-        each element, both edges of its bin in x and y and the raw derivatives at both knots;
-        only those are normalized. The same values as ``_lean`` to float rounding."""
+        """``_lean`` on parameter planes: ``planes`` of shape ``(G, 3 * (bins + 1), M // G)``,
+        contiguous, ``G`` groups of elements laid out as ``planar_layout`` says (``MADE.planes``
+        gives that), which it overwrites, and ``v`` of shape ``(M,)``, the elements in the same
+        order. Every operation is then a pass over whole contiguous planes, where on ``(N, F, P)``
+        a sum, a cumulative sum or a comparison over the short last axis runs several times
+        slower per element. Widths and heights stay unnormalized: their cumulative sums are
+        ``bins - 1`` in-place adds (row 0 is zero), the search compares normalized inner edges,
+        and one gather takes, for each element, both edges of its bin in x and y and the raw
+        derivatives at both knots; only those are normalized. The same values as ``_lean`` to
+        float rounding."""
         k, bound = self.bins, self.bound
         minimum = self.min_width
         assert self.min_height == minimum  # one normalization for widths and heights
-        m = v.shape[0]
-        rows = planes.view(k + 1, 3, m)
-        rows[0].zero_()  # the edge before bin 0, and knot 0's derivative (replaced below)
-        rows[k, 2].zero_()  # knot k's derivative (replaced below)
-        cum = rows[1:, :2].clamp_(-40.0, 40.0).exp_()  # (K, 2, M): widths, heights
+        g = planes.shape[0]
+        rows = planes.view(g, k + 1, 3, -1)
+        m = rows.shape[-1]
+        v = v.view(g, m)
+        rows[:, 0].zero_()  # the edge before bin 0, and knot 0's derivative (replaced below)
+        rows[:, k, 2].zero_()  # knot k's derivative (replaced below)
+        cum = rows[:, 1:, :2].clamp_(-40.0, 40.0).exp_()  # (G, K, 2, M): widths, heights
         for j in range(1, k):
-            cum[j].add_(cum[j - 1])
-        scale = cum[k - 1].reciprocal().mul_(1.0 - minimum * k)  # (2, M): x, y
+            cum[:, j].add_(cum[:, j - 1])
+        scale = cum[:, k - 1].reciprocal().mul_(1.0 - minimum * k)  # (G, 2, M): x, y
 
         outside = v.abs() > bound
         u = v.clamp(-bound, bound).add_(bound).mul_(1.0 / (2.0 * bound))
         # searchsorted(right, u, right=True).clamp(max=k-1): the inner right edges at or below u.
         s = 1 if inverse else 0
         steps = torch.arange(1, k, dtype=v.dtype, device=v.device).mul_(minimum)[:, None]
-        edges = torch.addcmul(steps, cum[: k - 1, s], scale[s])
-        count = torch.le(edges, u, out=edges).sum(0)  # (M,), float
-        idx = count.long()
-        both = torch.stack([idx, idx + 1])[:, None].expand(2, 3, m)
-        at = rows.gather(0, both)  # (2, 3, M): the bin's left and right row
-        lo = torch.addcmul(count.mul_(minimum), at[0, :2], scale)  # (2, M): xk, yk
-        size = (at[1, :2] - at[0, :2]).mul_(scale).add_(minimum)  # (2, M): wk, hk
-        d = F.softplus(at[:, 2].add_(_DERIVATIVE_SHIFT)).add_(self.min_derivative)
-        d[0].masked_fill_(idx == 0, 1.0)  # both end knots: derivative 1 (identity tails)
-        d[1].masked_fill_(idx == k - 1, 1.0)
-        xk, yk = lo.unbind(0)
-        wk, hk = size.unbind(0)
-        return _in_bin_lean(u, v, outside, xk, yk, wk, hk, d[0], d[1], bound, inverse)
+        edges = torch.addcmul(steps, cum[:, : k - 1, s], scale[:, None, s])  # (G, K - 1, M)
+        count = torch.le(edges, u[:, None], out=edges).sum(1)  # (G, M), float
+        both = torch.empty((g, 2, 1, m), dtype=torch.long, device=v.device)
+        idx = both[:, 0, 0]
+        idx.copy_(count)
+        torch.add(idx, 1, out=both[:, 1, 0])
+        at = rows.gather(1, both.expand(g, 2, 3, m))  # (G, 2, 3, M): the bin's two rows
+        lo = torch.addcmul(count.mul_(minimum)[:, None], at[:, 0, :2], scale)  # (G, 2, M)
+        size = (at[:, 1, :2] - at[:, 0, :2]).mul_(scale).add_(minimum)  # (G, 2, M)
+        d = F.softplus(at[:, :, 2].add_(_DERIVATIVE_SHIFT)).add_(self.min_derivative)
+        d[:, 0].masked_fill_(idx == 0, 1.0)  # both end knots: derivative 1 (identity tails)
+        d[:, 1].masked_fill_(idx == k - 1, 1.0)
+        xk, yk = lo.unbind(1)
+        wk, hk = size.unbind(1)
+        out, ladj = _in_bin_lean(u, v, outside, xk, yk, wk, hk, d[:, 0], d[:, 1], bound, inverse)
+        return out.view(-1), ladj.view(-1)
 
 
 def _in_bin_lean(u: Tensor, v: Tensor, outside: Tensor, xk: Tensor, yk: Tensor, wk: Tensor,

@@ -148,6 +148,7 @@ def test_planar_spline_matches_eager(dtype, inverse):
     v[:7] *= 4.0  # beyond the bound
     v[7, 0], v[8, 1] = 3.0, -3.0  # on it
     order, (before, after) = rq.planar_layout
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
     assert sorted(order) == list(range(rq.params))
     with torch.inference_mode():
         with eager_inference():
@@ -155,8 +156,12 @@ def test_planar_spline_matches_eager(dtype, inverse):
         body = params.permute(2, 1, 0)[list(order)].reshape(len(order), f * n)
         planes = torch.cat([torch.full((before, f * n), float("nan"), dtype=dtype), body,
                             torch.full((after, f * n), float("nan"), dtype=dtype)])
-        out, ladj = rq.planar(v.T.reshape(-1), planes, inverse)
-    tol = 1e-4 if dtype == torch.float32 else 1e-10
+        # three groups of one feature each: (G, planes, N), the elements in the same order
+        grouped = planes.view(len(planes), f, n).transpose(0, 1).contiguous()
+        out, ladj = rq.planar(v.T.reshape(-1), planes[None], inverse)  # (overwrites planes)
+        out3, ladj3 = rq.planar(v.T.reshape(-1), grouped, inverse)
+    torch.testing.assert_close(out3, out, rtol=tol, atol=tol)  # (vector and scalar exp loops
+    torch.testing.assert_close(ladj3, ladj, rtol=tol, atol=tol)  # may round apart)
     torch.testing.assert_close(out.view(f, n).T, ref_out, rtol=tol, atol=tol)
     torch.testing.assert_close(ladj.view(f, n).T, ref_ladj, rtol=tol, atol=tol)
 
@@ -177,9 +182,13 @@ def test_made_planes_match_forward(activation, context_dim):
     x = torch.randn(33, 4, dtype=torch.float64)
     ctx = torch.randn(33, context_dim, dtype=torch.float64) if context_dim else None
     order = (3, 0, 4, 2, 1)
+    assert made.plane_groups() == 4 and made.plane_groups(limit=3) == 2
     with torch.inference_mode():
-        ref = made(x, ctx)  # (N, F, P)
-        planes, xt = made.planes(x, ctx, order, (2, 1))
-    assert planes.shape == (2 + 5 + 1, 4, 33) and planes.is_contiguous()
-    torch.testing.assert_close(planes[2:7], ref.permute(2, 1, 0)[list(order)])
-    torch.testing.assert_close(xt, x.T)
+        ref = made(x, ctx).permute(2, 1, 0)[list(order)]  # (P, F, N), params in order
+        for groups in (1, 2, 4):
+            planes, xt = made.planes(x, ctx, order, (2, 1), groups)
+            assert planes.shape == (groups, 2 + 5 + 1, 4 // groups, 33)
+            assert planes.is_contiguous()
+            body = planes[:, 2:7].transpose(0, 1).reshape(5, 4, 33)
+            torch.testing.assert_close(body, ref)
+            torch.testing.assert_close(xt, x.T)
