@@ -38,7 +38,8 @@ class Autoregressive(Layer):
             order, pad = self.elementwise.planar_layout
             groups = self.made.plane_groups()
             planes, vt = self.made.planes(v, context, order, pad, groups)
-            out, ladj = planar(vt.view(-1), planes.view(groups, planes.shape[1], -1), inverse)
+            planes = planes.view(groups, planes.shape[1], planes.shape[2] * n)
+            out, ladj = planar(vt.reshape(-1), planes, inverse)
             return out.view(f, n).T, ladj.view(f, n).sum(0)
         out, ladj = self.elementwise(v, self.made(v, context), inverse)
         return out, ladj.sum(-1)

@@ -267,12 +267,13 @@ class MADE(nn.Module):
         weight = linears[-1].augmented_weight(self.features, order, groups)
         size = self.features // groups
         rows = len(order) * size  # a group's output rows
-        out = x.new_empty(groups, (pad[0] + len(order) + pad[1]) * size * n)
+        planes = pad[0] + len(order) + pad[1]
+        out = x.new_empty(groups, planes * size * n)
         for g in range(groups):
             used = 1 + self.widths[(g + 1) * size - 1][-1]  # the bias, then a prefix of units
             body = out[g, pad[0] * size * n :][: rows * n].view(rows, n)
             torch.mm(weight[g * rows : (g + 1) * rows, :used], h[:used], out=body)
-        return out.view(groups, -1, size, n), xt
+        return out.view(groups, planes, size, n), xt
 
     def feature_params(self, x: Tensor, context: Tensor | None, i: int) -> Tensor:
         """The parameters of feature ``i`` alone, shape ``(N, params)``, from ``x[:, :i]``.

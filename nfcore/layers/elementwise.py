@@ -217,9 +217,8 @@ class RationalQuadratic:
         k, bound = self.bins, self.bound
         minimum = self.min_width
         assert self.min_height == minimum  # one normalization for widths and heights
-        g = planes.shape[0]
-        rows = planes.view(g, k + 1, 3, -1)
-        m = rows.shape[-1]
+        g, m = planes.shape[0], planes.shape[-1]
+        rows = planes.view(g, k + 1, 3, m)
         v = v.view(g, m)
         rows[:, 0].zero_()  # the edge before bin 0, and knot 0's derivative (replaced below)
         rows[:, k, 2].zero_()  # knot k's derivative (replaced below)
@@ -264,8 +263,8 @@ class RationalQuadratic:
 def _in_bin_lean(u: Tensor, v: Tensor, outside: Tensor, xk: Tensor, yk: Tensor, wk: Tensor,
                  hk: Tensor, dk: Tensor, dk1: Tensor, bound: float, inverse: bool
                  ) -> tuple[Tensor, Tensor]:
-    """``_in_bin`` in fewer passes, in place (its arguments are the caller's temporaries: ``u``,
-    ``xk``, ``yk``, ``wk`` and ``hk`` are overwritten), the same formulas to float rounding. The
+    """``_in_bin`` in fewer passes, partly in place (``u``, a temporary of the caller's, is
+    overwritten), the same formulas to float rounding. The
     positions ``u``, ``xk``, ``yk``, ``wk`` and ``hk`` are in the coordinates ``v + bound`` (the
     formulas for ``xi``, the slopes and the log-derivative do not depend on the scale)."""
     s = hk / wk

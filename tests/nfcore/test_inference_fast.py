@@ -192,3 +192,15 @@ def test_made_planes_match_forward(activation, context_dim):
             body = planes[:, 2:7].transpose(0, 1).reshape(5, 4, 33)
             torch.testing.assert_close(body, ref)
             torch.testing.assert_close(xt, x.T)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2])
+def test_planar_path_on_tiny_batches(rows):
+    """nsf_ar's planar lean path on an empty batch and on one or two rows (shapes that an
+    inferred ``-1`` in a view cannot take), and on a dim with no divisor but 1 and itself."""
+    torch.manual_seed(5)
+    flow = nfcore.build({"preset": "nsf_ar", "dim": 7, "hidden": [8], "transforms": 2})
+    x = torch.randn(rows, 7)
+    eager, fast = _both(flow, lambda: flow.log_prob(x))
+    assert fast.shape == (rows,)
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
