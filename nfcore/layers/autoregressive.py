@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MADE, Layer, zero_output
+from .base import MADE, Layer, lean, zero_output
 from .elementwise import Affine, RationalQuadratic
 
 __all__ = ["Autoregressive", "MAF", "IAF", "NSFAutoregressive"]
@@ -30,6 +30,17 @@ class Autoregressive(Layer):
         self.fast_inverse = inverse_autoregressive
 
     def _parallel(self, v: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        planar = getattr(self.elementwise, "planar", None)
+        if planar is not None and lean():
+            # Lean path: the conditioner's output as contiguous parameter planes (no short last
+            # axis for the kernel to reduce over); the elements in feature-major order.
+            n, f = v.shape
+            order, pad = self.elementwise.planar_layout
+            groups = self.made.plane_groups()
+            planes, vt = self.made.planes(v, context, order, pad, groups)
+            planes = planes.view(groups, planes.shape[1], planes.shape[2] * n)
+            out, ladj = planar(vt.reshape(-1), planes, inverse)
+            return out.view(f, n).T, ladj.view(f, n).sum(0)
         out, ladj = self.elementwise(v, self.made(v, context), inverse)
         return out, ladj.sum(-1)
 

@@ -147,6 +147,35 @@ class MaskedLinear(Dense):
     def forward(self, x: Tensor) -> Tensor:
         return (x @ self.masked_weight().T).add_(self.bias)
 
+    def augmented_weight(self, features: int = 1, order: tuple[int, ...] | None = None,
+                         groups: int = 1) -> Tensor:
+        """``[bias | weight * mask]``, shape ``(out, 1 + in)``: ``W_aug @ [1; x.T]`` is the
+        layer's output transposed, the bias added by the matmul itself (no pass over the output).
+        With ``order``, the output rows, ``features`` blocks of ``len(order)`` params, are
+        reordered to ``(group, param, feature within the group)``, the params in ``order`` and
+        the features in ``groups`` equal, consecutive groups: each parameter of every feature of
+        a group comes out as one contiguous row, and a group's rows are one block. Cached like
+        ``masked_weight`` (lean path only)."""
+        def build() -> Tensor:
+            aug = torch.cat([self.bias[:, None], self.masked_weight()], dim=1)
+            if order is not None:
+                index = torch.tensor(order, device=aug.device)
+                aug = aug.unflatten(0, (groups, features // groups, -1))[:, :, index]
+                aug = aug.transpose(1, 2).flatten(0, 2)
+            return aug.contiguous()
+
+        w, b, mask = self.weight, self.bias, self.mask
+        if not lean() or w.is_inference() or b.is_inference() or mask.is_inference():
+            return build()
+        key = (w._version, w.data_ptr(), b._version, b.data_ptr(), mask._version, w.device,
+               w.dtype, features, order, groups)
+        cached = self.__dict__.get("_augmented")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, build().detach())
+            self.__dict__["_augmented"] = cached
+        return cached[1]
+
 
 class MADE(nn.Module):
     """Masked autoencoder for distribution estimation (Germain et al. 2015).
@@ -191,6 +220,60 @@ class MADE(nn.Module):
         if context is not None:
             x = torch.cat([context, x], dim=-1)
         return self.net(x).unflatten(-1, (self.features, self.params))
+
+    def plane_groups(self, limit: int = 5) -> int:
+        """How many groups of consecutive features ``planes`` computes apart: the largest divisor
+        of ``features`` up to ``limit``. The output layer's mask is block-triangular (hidden
+        degrees are sorted): a group's parameters read only a prefix of the last hidden layer's
+        units, so one matmul per group skips most of the masked-out weights (5 groups: 40 % of
+        the layer's FLOPs at dim 10, 36 % at dim 50)."""
+        return max(g for g in range(1, min(limit, self.features) + 1) if self.features % g == 0)
+
+    def planes(self, x: Tensor, context: Tensor | None = None, order: tuple[int, ...] | None = None,
+               pad: tuple[int, int] = (0, 0), groups: int = 1) -> tuple[Tensor, Tensor]:
+        """``forward`` laid out as parameter planes, and ``x.T`` (contiguous, shape
+        ``(features, N)``). The planes have shape ``(groups, pad[0] + params + pad[1],
+        features // groups, N)``, contiguous, for ``groups`` equal groups of consecutive features:
+        ``planes[g, pad[0] + j, i, n] == forward(x)[n, g * features // groups + i, order[j]]``;
+        the ``pad`` planes before and after are left uninitialized, for the caller's use.
+
+        The whole network runs transposed, ``h.T = W_aug @ [1; h_prev.T]``, with each layer's
+        bias as one more column of its weight (``MaskedLinear.augmented_weight``, the last
+        layer's output rows reordered once): each parameter of every feature comes out as one
+        contiguous row, so an element-wise kernel works on whole planes, not on a short last
+        axis, and no pass adds a bias. The last layer takes one matmul per group, over the prefix
+        of hidden units that the group's features may read (``self.widths``). Lean path only
+        (no autograd)."""
+        n = x.shape[0]
+        linears = [m for m in self.net if isinstance(m, MaskedLinear)]
+        acts = [m for m in self.net if not isinstance(m, MaskedLinear)]
+        h = x.new_empty(1 + self.context + self.features, n)
+        h[0].fill_(1.0)
+        if context is not None:
+            h[1 : 1 + self.context].copy_(context.T)
+        xt = h[1 + self.context :]
+        xt.copy_(x.T)
+        for layer, act in zip(linears[:-1], acts, strict=True):
+            weight = layer.augmented_weight()
+            nxt = x.new_empty(1 + weight.shape[0], n)
+            nxt[0].fill_(1.0)
+            body = nxt[1:]
+            torch.mm(weight, h, out=body)
+            result = act(body)
+            if result.data_ptr() != body.data_ptr():  # an activation that is not in place
+                body.copy_(result)
+            h = nxt
+        order = tuple(range(self.params)) if order is None else tuple(order)
+        weight = linears[-1].augmented_weight(self.features, order, groups)
+        size = self.features // groups
+        rows = len(order) * size  # a group's output rows
+        planes = pad[0] + len(order) + pad[1]
+        out = x.new_empty(groups, planes * size * n)
+        for g in range(groups):
+            used = 1 + self.widths[(g + 1) * size - 1][-1]  # the bias, then a prefix of units
+            body = out[g, pad[0] * size * n :][: rows * n].view(rows, n)
+            torch.mm(weight[g * rows : (g + 1) * rows, :used], h[:used], out=body)
+        return out.view(groups, planes, size, n), xt
 
     def feature_params(self, x: Tensor, context: Tensor | None, i: int) -> Tensor:
         """The parameters of feature ``i`` alone, shape ``(N, params)``, from ``x[:, :i]``.

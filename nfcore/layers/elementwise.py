@@ -192,6 +192,109 @@ class RationalQuadratic:
         dk1 = torch.where(idx == k - 1, one, d[..., 1])
         return _in_bin(u, v, inside, xk, yk, wk, hk, dk, dk1, bound, inverse)
 
+    @property
+    def planar_layout(self) -> tuple[tuple[int, ...], tuple[int, int]]:
+        """The parameter order and the padding planes that ``planar`` takes (see ``MADE.planes``):
+        row ``r`` of ``bins + 1`` rows of 3 planes holds the width and height of bin ``r - 1`` and
+        the raw derivative at inner knot ``r``; row 0 and the last row's derivative are padding."""
+        k = self.bins
+        order = []
+        for r in range(1, k + 1):
+            order += [r - 1, k + r - 1] + ([2 * k + r - 1] if r < k else [])
+        return tuple(order), (3, 1)
+
+    def planar(self, v: Tensor, planes: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """``_lean`` on parameter planes: ``planes`` of shape ``(G, 3 * (bins + 1), M // G)``,
+        contiguous, ``G`` groups of elements laid out as ``planar_layout`` says (``MADE.planes``
+        gives that), which it overwrites, and ``v`` of shape ``(M,)``, the elements in the same
+        order. Every operation is then a pass over whole contiguous planes, where on ``(N, F, P)``
+        a sum, a cumulative sum or a comparison over the short last axis runs several times
+        slower per element. Widths and heights stay unnormalized: their cumulative sums are
+        ``bins - 1`` in-place adds (row 0 is zero), the search compares normalized inner edges,
+        and one gather takes, for each element, both edges of its bin in x and y and the raw
+        derivatives at both knots; only those are normalized. The same values as ``_lean`` to
+        float rounding."""
+        k, bound = self.bins, self.bound
+        minimum = self.min_width
+        assert self.min_height == minimum  # one normalization for widths and heights
+        g, m = planes.shape[0], planes.shape[-1]
+        rows = planes.view(g, k + 1, 3, m)
+        v = v.view(g, m)
+        rows[:, 0].zero_()  # the edge before bin 0, and knot 0's derivative (replaced below)
+        rows[:, k, 2].zero_()  # knot k's derivative (replaced below)
+        cum = rows[:, 1:, :2].clamp_(-40.0, 40.0).exp_()  # (G, K, 2, M): widths, heights
+        for j in range(1, k):
+            cum[:, j].add_(cum[:, j - 1])
+        # Knot positions in the coordinates v + bound (in [0, 2 bound]), not in [0, 1]: the
+        # interval's width rides in ``scale`` and ``floor``, and no pass rescales u or the output.
+        width = 2.0 * bound
+        scale = cum[:, k - 1].reciprocal().mul_((1.0 - minimum * k) * width)  # (G, 2, M): x, y
+        floor = minimum * width  # a bin's least width (and height) in these coordinates
+
+        outside = v.abs() > bound
+        u = v.clamp(-bound, bound).add_(bound)
+        # searchsorted(right, u, right=True).clamp(max=k-1): the inner right edges at or below u.
+        s = 1 if inverse else 0
+        steps = torch.arange(1, k, dtype=v.dtype, device=v.device).mul_(floor)[:, None]
+        edges = torch.addcmul(steps, cum[:, : k - 1, s], scale[:, None, s])  # (G, K - 1, M)
+        count = torch.le(edges, u[:, None], out=edges).sum(1)  # (G, M), float
+        both = torch.empty((g, 2, 1, m), dtype=torch.long, device=v.device)
+        idx = both[:, 0, 0]
+        idx.copy_(count)
+        torch.add(idx, 1, out=both[:, 1, 0])
+        at = rows.gather(1, both.expand(g, 2, 3, m))  # (G, 2, 3, M): the bin's two rows
+        # Both end knots have derivative 1 (the identity tails): 1.0 where the bin is the first
+        # (left knot) or the last (right knot), as float masks and one lerp (a weight of exactly
+        # 0 or 1 gives the start or the end exactly), which is several times faster here than
+        # an integer comparison and a masked fill.
+        ends = torch.empty_like(at[:, :, 2])  # (G, 2, M)
+        torch.le(count, 0.0, out=ends[:, 0])
+        torch.ge(count, k - 1.0, out=ends[:, 1])
+        lo = torch.addcmul(count.mul_(floor)[:, None], at[:, 0, :2], scale)  # (G, 2, M)
+        size = (at[:, 1, :2] - at[:, 0, :2]).mul_(scale).add_(floor)  # (G, 2, M)
+        d = F.softplus(at[:, :, 2].add_(_DERIVATIVE_SHIFT)).add_(self.min_derivative)
+        d = torch.lerp(d, torch.ones((), dtype=d.dtype, device=d.device), ends)
+        xk, yk = lo.unbind(1)
+        wk, hk = size.unbind(1)
+        out, ladj = _in_bin_lean(u, v, outside, xk, yk, wk, hk, d[:, 0], d[:, 1], bound, inverse)
+        return out.view(-1), ladj.view(-1)
+
+
+def _in_bin_lean(u: Tensor, v: Tensor, outside: Tensor, xk: Tensor, yk: Tensor, wk: Tensor,
+                 hk: Tensor, dk: Tensor, dk1: Tensor, bound: float, inverse: bool
+                 ) -> tuple[Tensor, Tensor]:
+    """``_in_bin`` in fewer passes, partly in place (``u``, a temporary of the caller's, is
+    overwritten), the same formulas to float rounding. The
+    positions ``u``, ``xk``, ``yk``, ``wk`` and ``hk`` are in the coordinates ``v + bound`` (the
+    formulas for ``xi``, the slopes and the log-derivative do not depend on the scale)."""
+    s = hk / wk
+    t = torch.add(dk, dk1).sub_(s, alpha=2.0)
+    if inverse:
+        dy = u.sub_(yk)
+        a = torch.addcmul(hk * (s - dk), dy, t)
+        b = torch.addcmul(hk * dk, dy, t, value=-1.0)
+        c = s.neg() * dy
+        disc = torch.addcmul(b * b, a, c, value=-4.0).clamp_(min=0.0)
+        xi = c.mul_(2.0).div_(disc.sqrt_().add_(b).neg_()).clamp_(0.0, 1.0)
+        out = torch.addcmul(xk, xi, wk)
+    else:
+        xi = u.sub_(xk).div_(wk).clamp_(0.0, 1.0)
+    om = 1.0 - xi
+    xi1 = xi * om
+    den = torch.addcmul(s, t, xi1)
+    dom = dk * om
+    if not inverse:
+        # yk + hk (s xi^2 + dk xi (1 - xi)) / den
+        out = torch.addcmul(dom, s, xi).mul_(xi).mul_(hk).div_(den).add_(yk)
+    # num = dk1 xi^2 + 2 s xi (1 - xi) + dk (1 - xi)^2; log(s^2 num / den^2), one logarithm
+    num = torch.addcmul(dk1 * xi, s, om, value=2.0).mul_(xi).addcmul_(dom, om)
+    ratio = s.div_(den)
+    ladj = ratio.mul_(ratio).mul_(num).log_()
+    if inverse:
+        ladj = ladj.neg_()
+    out = torch.where(outside, v, out.sub_(bound))
+    return out, ladj.masked_fill_(outside, 0.0)
+
 
 def _in_bin(u: Tensor, v: Tensor, inside: Tensor, xk: Tensor, yk: Tensor, wk: Tensor, hk: Tensor,
             dk: Tensor, dk1: Tensor, bound: float, inverse: bool) -> tuple[Tensor, Tensor]:

@@ -96,9 +96,11 @@ def test_the_lean_path_is_taken_and_blocks_are_row_wise():
         torch.testing.assert_close(flow.log_prob(x), whole, rtol=1e-5, atol=1e-5)
 
 
-def test_cached_masked_weights_follow_updates():
-    """A weight changed in place (an optimizer step, a load) is seen by the next lean pass."""
-    flow = _flow("maf", 0, "float64")
+@pytest.mark.parametrize("preset", ["maf", "nsf_ar"])
+def test_cached_masked_weights_follow_updates(preset):
+    """A weight changed in place (an optimizer step, a load) is seen by the next lean pass (for
+    nsf_ar: the cached augmented, reordered weights of ``MADE.planes``)."""
+    flow = _flow(preset, 0, "float64")
     x, _ = _inputs(flow)
     with torch.no_grad():
         before = flow.log_prob(x)
@@ -127,3 +129,78 @@ def test_warm_up_fills_the_masked_weight_cache():
     assert masked and all("_masked" not in m.__dict__ for m in masked)
     flow.warm_up(rows=8)
     assert all("_masked" in m.__dict__ for m in masked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_planar_spline_matches_eager(dtype, inverse):
+    """``RationalQuadratic.planar`` (parameter planes, as ``MADE.planes`` lays them out) gives the
+    eager kernel's values in both directions, the identity tails included; the inverse direction
+    is not reached through a preset's log_prob, so it is checked here."""
+    from nfcore.layers.base import eager_inference
+    from nfcore.layers.elementwise import RationalQuadratic
+
+    gen = torch.Generator().manual_seed(3)
+    rq = RationalQuadratic(bins=6, bound=3.0)
+    n, f = 257, 3
+    params = 2.0 * torch.randn(n, f, rq.params, generator=gen, dtype=dtype)
+    v = 2.0 * torch.randn(n, f, generator=gen, dtype=dtype)
+    v[:7] *= 4.0  # beyond the bound
+    v[7, 0], v[8, 1] = 3.0, -3.0  # on it
+    order, (before, after) = rq.planar_layout
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert sorted(order) == list(range(rq.params))
+    with torch.inference_mode():
+        with eager_inference():
+            ref_out, ref_ladj = rq(v, params, inverse)
+        body = params.permute(2, 1, 0)[list(order)].reshape(len(order), f * n)
+        planes = torch.cat([torch.full((before, f * n), float("nan"), dtype=dtype), body,
+                            torch.full((after, f * n), float("nan"), dtype=dtype)])
+        # three groups of one feature each: (G, planes, N), the elements in the same order
+        grouped = planes.view(len(planes), f, n).transpose(0, 1).contiguous()
+        out, ladj = rq.planar(v.T.reshape(-1), planes[None], inverse)  # (overwrites planes)
+        out3, ladj3 = rq.planar(v.T.reshape(-1), grouped, inverse)
+    torch.testing.assert_close(out3, out, rtol=tol, atol=tol)  # (vector and scalar exp loops
+    torch.testing.assert_close(ladj3, ladj, rtol=tol, atol=tol)  # may round apart)
+    torch.testing.assert_close(out.view(f, n).T, ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(ladj.view(f, n).T, ref_ladj, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("activation", ["relu", "elu"])
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_made_planes_match_forward(activation, context_dim):
+    """``MADE.planes`` (the network run transposed, biases folded into the weights, output rows
+    reordered, padding planes) holds ``MADE.forward``'s values, for an in-place activation and one
+    that is not, with and without a context."""
+    from nfcore.layers.base import MADE
+
+    torch.manual_seed(4)
+    made = MADE(4, 5, [16, 16], activation, context_dim).double()
+    with torch.no_grad():
+        for p in made.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(33, 4, dtype=torch.float64)
+    ctx = torch.randn(33, context_dim, dtype=torch.float64) if context_dim else None
+    order = (3, 0, 4, 2, 1)
+    assert made.plane_groups() == 4 and made.plane_groups(limit=3) == 2
+    with torch.inference_mode():
+        ref = made(x, ctx).permute(2, 1, 0)[list(order)]  # (P, F, N), params in order
+        for groups in (1, 2, 4):
+            planes, xt = made.planes(x, ctx, order, (2, 1), groups)
+            assert planes.shape == (groups, 2 + 5 + 1, 4 // groups, 33)
+            assert planes.is_contiguous()
+            body = planes[:, 2:7].transpose(0, 1).reshape(5, 4, 33)
+            torch.testing.assert_close(body, ref)
+            torch.testing.assert_close(xt, x.T)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2])
+def test_planar_path_on_tiny_batches(rows):
+    """nsf_ar's planar lean path on an empty batch and on one or two rows (shapes that an
+    inferred ``-1`` in a view cannot take), and on a dim with no divisor but 1 and itself."""
+    torch.manual_seed(5)
+    flow = nfcore.build({"preset": "nsf_ar", "dim": 7, "hidden": [8], "transforms": 2})
+    x = torch.randn(rows, 7)
+    eager, fast = _both(flow, lambda: flow.log_prob(x))
+    assert fast.shape == (rows,)
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
