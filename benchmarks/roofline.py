@@ -212,7 +212,7 @@ def option_rows(presets: list[str], rows: int, repeats: int, compile_: bool) -> 
             cells.append(f"{v:,.3g} ({v / eager:.2f}×{note})")
         out.append([preset, f"{eager:,.3g}"] + cells)
         headers = ["preset", "eager"] + list(results)
-    return [headers] + out
+    return [headers] + out if out else []
 
 
 def compiled_rate(flow: nfcore.Flow, x: torch.Tensor, repeats: int) -> tuple[float, float]:
@@ -330,7 +330,7 @@ def main() -> None:
     at10 = [f for f in facts if f["dim"] == 10]
     one_pass = [f for f in at10 if f["flops"] and f["cost"]["log_prob"] == "one pass"
                 and f["preset"] not in ("resflow",)]
-    opts = option_rows([p for p in ("nsf", "maf", "realnvp") if p in args.presets],
+    opts = option_rows([p for p in ("nsf", "nsf_ar", "maf", "realnvp") if p in args.presets],
                        args.rows, args.repeats, args.compile) if 10 in args.dims else []
     conditioners = (conditioner_rows([f["preset"] for f in one_pass], 8192, 10 * args.repeats)
                     if one_pass else [])
