@@ -40,7 +40,9 @@ class Affine:
         return (v - shift) * torch.exp(-log_scale), -log_scale
 
 
-_DERIVATIVE_SHIFT = math.log(math.e - 1.0)  # softplus(0 + shift) == 1: zero params give the identity
+#: ``min_derivative + softplus(0 + shift) == 1``: zero parameters give unit inner-knot slopes, and
+#: with even bins the identity. (It was ``log(e - 1)``, which left the slopes at 1.001.)
+_DERIVATIVE_SHIFT = math.log(math.expm1(1.0 - 1e-3))  # 1e-3: RationalQuadratic.min_derivative
 
 
 class RationalQuadratic:
