@@ -40,11 +40,6 @@ class Affine:
         return (v - shift) * torch.exp(-log_scale), -log_scale
 
 
-#: ``min_derivative + softplus(0 + shift) == 1``: zero parameters give unit inner-knot slopes, and
-#: with even bins the identity. (It was ``log(e - 1)``, which left the slopes at 1.001.)
-_DERIVATIVE_SHIFT = math.log(math.expm1(1.0 - 1e-3))  # 1e-3: RationalQuadratic.min_derivative
-
-
 class RationalQuadratic:
     """Monotone rational-quadratic spline on ``[-bound, bound]``, the identity outside (Durkan 2019).
 
@@ -56,6 +51,9 @@ class RationalQuadratic:
     min_width = 1e-3
     min_height = 1e-3
     min_derivative = 1e-3
+    #: ``min_derivative + softplus(0 + shift) == 1``: zero parameters give unit inner-knot slopes,
+    #: and with even bins the identity. (It was ``log(e - 1)``, which left the slopes at 1.001.)
+    derivative_shift = math.log(math.expm1(1.0 - min_derivative))
 
     def __init__(self, bins: int, bound: float):
         self.bins = bins
@@ -134,7 +132,7 @@ class RationalQuadratic:
         raw_w = torch.log(widths - self.min_width)  # inverts ``_bins`` (softmax up to a constant)
         raw_h = torch.zeros_like(widths)  # even heights
         raw_d = torch.log(torch.expm1((knot_slopes - self.min_derivative).clamp(min=1e-6)))
-        return torch.cat([raw_w, raw_h, raw_d - _DERIVATIVE_SHIFT], dim=-1)
+        return torch.cat([raw_w, raw_h, raw_d - self.derivative_shift], dim=-1)
 
     def __call__(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         if lean():
@@ -143,7 +141,7 @@ class RationalQuadratic:
         raw_w, raw_h, raw_d = params.split([k, k, k - 1], dim=-1)
         w, right_x, left_x = self._bins(raw_w, self.min_width)
         h, right_y, left_y = self._bins(raw_h, self.min_height)
-        d = self.min_derivative + F.softplus(raw_d + _DERIVATIVE_SHIFT)  # inner knots only
+        d = self.min_derivative + F.softplus(raw_d + self.derivative_shift)  # inner knots only
 
         # Work in unit coordinates u = (v + bound) / (2 bound); the spline maps [0, 1] to [0, 1].
         inside = (v >= -bound) & (v <= bound)
@@ -186,7 +184,7 @@ class RationalQuadratic:
         wk, hk = wh.unbind(-1)
         xk, yk = lo.unbind(-1)
         knots = torch.cat([idx - 1, idx], dim=-1).clamp_(0, k - 2)
-        d = F.softplus(params[..., 2 * k :].gather(-1, knots).add_(_DERIVATIVE_SHIFT))
+        d = F.softplus(params[..., 2 * k :].gather(-1, knots).add_(self.derivative_shift))
         d = d.add_(self.min_derivative)
         idx = idx.squeeze(-1)
         one = torch.ones_like(u)
@@ -254,7 +252,7 @@ class RationalQuadratic:
         torch.ge(count, k - 1.0, out=ends[:, 1])
         lo = torch.addcmul(count.mul_(floor)[:, None], at[:, 0, :2], scale)  # (G, 2, M)
         size = (at[:, 1, :2] - at[:, 0, :2]).mul_(scale).add_(floor)  # (G, 2, M)
-        d = F.softplus(at[:, :, 2].add_(_DERIVATIVE_SHIFT)).add_(self.min_derivative)
+        d = F.softplus(at[:, :, 2].add_(self.derivative_shift)).add_(self.min_derivative)
         d = torch.lerp(d, torch.ones((), dtype=d.dtype, device=d.device), ends)
         xk, yk = lo.unbind(1)
         wk, hk = size.unbind(1)
