@@ -140,7 +140,7 @@ def measure_zuko(flow, rows: int, repeats: int) -> tuple[tuple, tuple]:
     return lp, sp
 
 
-def cell(r: tuple[float, bool] | None) -> str:
+def cell(r: tuple[float, int | None] | None) -> str:
     if r is None:
         return "—"
     return f"{r[0]:,.3g}" + (f"* ({r[1]:,} rows)" if r[1] else "")
