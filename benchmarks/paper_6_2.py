@@ -68,7 +68,8 @@ from benchmarks._machine import RESULTS, markdown_table, write_result  # noqa: E
 PIXELS = 64
 #: The modern posteriors: name -> (nfcore layer type, the name in the tables).
 MODERN = {"iaf": ("iaf", "IAF"), "nsf": ("nsf_coupling", "NSF coupling"),
-          "nsf_ar": ("nsf_ar", "NSF autoregressive")}
+          "nsf_ar": ("nsf_ar", "NSF autoregressive"),
+          "sylvester": ("sylvester", "Householder Sylvester")}
 #: Layer types whose one-pass direction is ``forward`` (x -> z, parameters from the input): as a
 #: posterior they map z0 -> z by ``Flow.transform``, so feature i's spline reads z0's features
 #: before i, the IAF's structure (Durkan et al. 2019's RQ-NSF (AR) posterior) in one pass.
@@ -102,6 +103,13 @@ def flow_spec(kind: str, latent: int, context: int, k: int, hidden: int,
             return None
         return {"dim": latent, "context_dim": context,
                 "layers": [{"type": "planar", "hidden": []}] * k}
+    if kind == "sylvester":
+        # Householder Sylvester layers (van den Berg et al. 2018) whose every parameter, the
+        # ``reflections`` (``hidden`` of them) and R, R~ and b, is a linear map of the context, as
+        # the planar layers' u, w, b are; Q mixes the coordinates, so no permutations.
+        layer = {"type": "sylvester", "kind": "householder", "reflections": hidden,
+                 "hidden": [], "amortize": "all"}
+        return {"dim": latent, "context_dim": context, "layers": [layer] * transforms}
     # IAF or spline layers (``kind`` "iaf", "nsf" or "nsf_ar", ``transforms`` of them,
     # conditioners of ``depth`` hidden layers of ``hidden`` units, ``bins`` spline bins; with
     # ``embedding``, a context embedding of that width shared by the layers) with the features
@@ -148,7 +156,7 @@ class VAE(nn.Module):
             layer["type"] in FORWARD_POSTERIOR for layer in spec["layers"])
         if self.flow is not None:
             for layer in self.flow.layers:
-                layer.reset_identity()  # IAF and NSF start as the identity; planar near it
+                layer.reset_identity()  # IAF, NSF, Sylvester start as the identity; planar near it
 
     def flow_parameters(self) -> int:
         return 0 if self.flow is None else sum(p.numel() for p in self.flow.parameters())
@@ -193,12 +201,12 @@ class VAE(nn.Module):
 
 
 def train(model: VAE, data: Tensor, *, epochs: int, lr: float, seed: int,
-          batch: int = 100, warmup: float = 0.5,
+          batch: int = 100, warmup: float = 0.5, weight_decay: float = 0.0,
           on_epoch: Callable[[int], None] | None = None) -> float:
     """Train by the negative ELBO, its KL term warmed up over the first ``warmup`` fraction of
     the steps; returns the CPU seconds it took (this process's, so that a busy machine slows
     the run without inflating the figure much)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(data.shape[0] / batch)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=lr / 10)
@@ -315,6 +323,8 @@ def main() -> None:
                              "sigma * flow(eps) (default: on z0 = mu + sigma * eps)")
     parser.add_argument("--warmup", type=float, default=0.5,
                         help="fraction of the steps over which the KL weight rises to 1")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="AdamW's decoupled weight decay on every parameter (0: plain Adam)")
     parser.add_argument("--no-modern", action="store_true", help="planar posteriors only")
     parser.add_argument("--is-samples", type=int, default=1000)
     parser.add_argument("--test-images", type=int, default=0,
@@ -339,8 +349,10 @@ def main() -> None:
 
     posteriors = [("planar", k) for k in args.ks] + ([] if args.no_modern else [(args.modern, 0)])
     modern = (f"{MODERN[args.modern][1]} ({args.modern_transforms} x "
-              f"{[args.modern_hidden] * args.modern_depth}"
-              + ("" if args.modern == "iaf" else f", {args.modern_bins} bins")
+              + (f"{args.modern_hidden} reflections, all from the context"
+                 if args.modern == "sylvester" else
+                 f"{[args.modern_hidden] * args.modern_depth}")
+              + ("" if args.modern in ("iaf", "sylvester") else f", {args.modern_bins} bins")
               + (f", embedding {args.modern_embedding}" if args.modern_embedding else "")
               + (", on the noise" if args.modern_on_noise else "") + ")")
     results: dict[str, dict[str, list[float]]] = {}
@@ -356,7 +368,8 @@ def main() -> None:
             model = VAE(args.latent, args.hidden, args.context, spec, seed,
                         on_noise=args.modern_on_noise and kind != "planar")
             seconds = train(model, train_x, epochs=args.epochs, lr=args.lr, seed=seed,
-                            batch=args.batch, warmup=args.warmup)
+                            batch=args.batch, warmup=args.warmup,
+                            weight_decay=args.weight_decay)
             neg_elbo, neg_log_px = evaluate(model, test_x, args.is_samples, seed)
             # The evaluation's own noise: the same estimate from fresh importance draws.
             _, redrawn = evaluate(model, test_x, args.is_samples, seed + 1_000)

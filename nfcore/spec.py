@@ -106,7 +106,10 @@ LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
     # rank and reflections default to dim (filled in by _layer).
     "sylvester": {"kind": ("orthogonal", _choice("orthogonal", "householder")),
                   "rank": (None, _int(1, LIMITS["dim"])),
-                  "reflections": (None, _int(1, LIMITS["dim"])), **_NET},
+                  "reflections": (None, _int(1, LIMITS["dim"])),
+                  "hidden": ([64, 64], _hidden_or_linear), "activation": ("relu", _ACTIVATION),
+                  # What its context network shifts (see nfcore.layers.Sylvester).
+                  "amortize": ("diagonals", _choice("diagonals", "all"))},
     "cnf": {"hidden": ([64, 64], _hidden), "activation": ("silu", _ACTIVATION),
             "rtol": (1e-5, _positive_float(1.0)), "atol": (1e-6, _positive_float(1.0)),
             "method": ("dopri5", _choice("dopri5", "dopri8", "bosh3", "adaptive_heun")),
@@ -187,6 +190,9 @@ def _layer(field: str, raw: Any, dim: int, context_dim: int) -> dict:
         out["reflections"] = dim if out["reflections"] is None else out["reflections"]
         if out["rank"] > dim:
             raise SpecError(f"{field}.rank", f"expected at most dim ({dim}); got {out['rank']}")
+        if out["amortize"] == "all" and not context_dim:
+            raise SpecError(f"{field}.amortize", "only a conditional sylvester layer amortizes "
+                                                 "its parameters; set context_dim > 0")
     return out
 
 

@@ -15,7 +15,9 @@ whole system from the detached root (exact first derivatives by the implicit fun
 ``Q`` comes from the QR factorisation of a free matrix (``kind="orthogonal"``, any ``rank`` M up
 to ``dim``) or is a product of ``reflections`` Householder reflections (``kind="householder"``,
 M = ``dim``). With a context, an MLP of the context shifts ``b`` and the diagonals of ``R`` and
-``R~`` (the amortised form of the paper).
+``R~`` (``amortize="diagonals"``); with ``amortize="all"`` it shifts every parameter, the whole
+of ``R`` and ``R~`` and ``Q``'s free matrix or reflection vectors too, so that each context row
+has its own flow, as in the paper's VAE experiments, where the encoder outputs all of them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import ConvergenceError
 from ..limits import check_deadline
-from .base import MLP, Layer
+from .base import MLP, Layer, zero_output
 
 __all__ = ["Sylvester", "SYLVESTER_TOLERANCE"]
 
@@ -47,8 +49,11 @@ class Sylvester(Layer):
         kind: ``orthogonal`` (``Q`` from a QR factorisation) or ``householder``.
         rank: M, the number of orthonormal columns of an ``orthogonal`` ``Q`` (default ``dim``).
         reflections: the number of Householder reflections of a ``householder`` ``Q``.
-        hidden, activation: the context network (with ``context_dim > 0`` only).
+        hidden, activation: the context network (with ``context_dim > 0`` only); ``[]`` makes
+            it a linear map of the context.
         context_dim: size of the optional context vector.
+        amortize: what the context network shifts: ``diagonals`` (``b`` and the diagonals of
+            ``R`` and ``R~``) or ``all`` (every parameter, ``Q`` included).
 
     Example:
         >>> import torch
@@ -66,7 +71,8 @@ class Sylvester(Layer):
 
     def __init__(self, dim: int, *, kind: str = "orthogonal", rank: int | None = None,
                  reflections: int | None = None, hidden: list[int] | None = None,
-                 activation: str = "relu", context_dim: int = 0, **_):
+                 activation: str = "relu", context_dim: int = 0, amortize: str = "diagonals",
+                 **_):
         super().__init__()
         self.kind = kind
         m = dim if kind == "householder" else (rank or dim)
@@ -75,6 +81,9 @@ class Sylvester(Layer):
             self.vectors = nn.Parameter(torch.randn(reflections or dim, dim))
         else:
             self.q = nn.Parameter(torch.randn(dim, m))
+        #: Whether the context shifts every parameter (per-row Q, R, R~), not just the diagonals.
+        self.amortize_all = bool(context_dim) and amortize == "all"
+        self._upper = torch.triu_indices(m, m, offset=1)  # the strict upper triangle's entries
         bound = 1.0 / math.sqrt(m)
         self.r_upper = nn.Parameter(torch.empty(m, m).uniform_(-bound, bound) * 0.1)
         self.rt_upper = nn.Parameter(torch.empty(m, m).uniform_(-bound, bound) * 0.1)
@@ -84,40 +93,80 @@ class Sylvester(Layer):
         self.b = nn.Parameter(torch.zeros(m))
         self.context = None
         if context_dim:
-            self.context = MLP(context_dim, 3 * m, list(hidden or [64, 64]), activation)
+            outputs = 3 * m
+            if self.amortize_all:
+                q_size = self.vectors.numel() if kind == "householder" else self.q.numel()
+                outputs += q_size + 2 * self._upper.shape[1]
+            self.context = MLP(context_dim, outputs,
+                               [64, 64] if hidden is None else list(hidden), activation)
             with torch.no_grad():  # a small start: the context shifts, it does not dominate
                 self.context[-1].weight.mul_(0.1)
                 self.context[-1].bias.zero_()
 
-    # ------------------------------------------------------------------ parameters
-    def _q(self) -> Tensor:
-        if self.kind == "householder":
-            v = self.vectors
-            q = torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
-            for vk in v:
-                q = q - (2.0 / (vk @ vk).clamp(min=1e-12)) * torch.outer(q @ vk, vk)
-            return q
-        q, r = torch.linalg.qr(self.q)
-        # The sign convention makes Q a smooth function of the parameter.
-        return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
-
-    def _params(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Strict upper parts of R and R~ (shared), and per-row diagonals and shift b."""
-        r_raw, rt_raw, b = self.r_diag[None], self.rt_diag[None], self.b[None]
+    def reset_identity(self) -> bool:
+        """``R = 0`` (its diagonal's free parameter too, ``tanh(0) = 0``) and a zeroed output
+        layer of the context network: ``x = z`` for every context. ``R~``, ``Q`` and ``b`` keep
+        their values, so the first steps' gradients (through ``R``) are not zero."""
+        with torch.no_grad():
+            self.r_upper.zero_()
+            self.r_diag.zero_()
         if self.context is not None:
-            dr, drt, db = self.context(context).chunk(3, dim=-1)
-            r_raw, rt_raw, b = r_raw + dr, rt_raw + drt, b + db
-        return (self.r_upper.triu(1), self.rt_upper.triu(1), torch.tanh(r_raw),
-                torch.tanh(rt_raw), b)
+            zero_output(self.context)
+        return True
+
+    # ------------------------------------------------------------------ parameters
+    def _q(self, raw: Tensor | None = None) -> Tensor:
+        """Q from its free parameter, or from ``raw``: per-row free parameters, shape
+        ``(N, *parameter shape)``, giving per-row Qs ``(N, dim, M)``."""
+        if self.kind == "householder":
+            v = self.vectors if raw is None else raw
+            q = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device).expand(
+                *v.shape[:-2], v.shape[-1], v.shape[-1])
+            for k in range(v.shape[-2]):
+                vk = v[..., k, :]
+                scale = 2.0 / (vk * vk).sum(-1, keepdim=True).clamp(min=1e-12)
+                q = q - (scale * (q @ vk[..., None])[..., 0])[..., :, None] * vk[..., None, :]
+            return q
+        q, r = torch.linalg.qr(self.q if raw is None else raw)
+        # The sign convention makes Q a smooth function of the parameter.
+        sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
+        return q * sign[..., None, :]
+
+    def _params(self, context: Tensor | None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Q, the strict upper parts of R and R~, their diagonals and the shift b. Q, R and R~
+        are shared, ``(dim, M)`` and ``(M, M)``, or with ``amortize="all"`` per row, ``(N, dim,
+        M)`` and ``(N, M, M)``; the diagonals and b are ``(1, M)`` or ``(N, M)``."""
+        r_raw, rt_raw, b = self.r_diag[None], self.rt_diag[None], self.b[None]
+        u, ut = self.r_upper.triu(1), self.rt_upper.triu(1)
+        if self.context is None:
+            return self._q(), u, ut, torch.tanh(r_raw), torch.tanh(rt_raw), b
+        out = self.context(context)
+        m = self.rank
+        dr, drt, db = out[:, :m], out[:, m:2 * m], out[:, 2 * m:3 * m]
+        r_raw, rt_raw, b = r_raw + dr, rt_raw + drt, b + db
+        if not self.amortize_all:
+            return self._q(), u, ut, torch.tanh(r_raw), torch.tanh(rt_raw), b
+        base = self.vectors if self.kind == "householder" else self.q
+        n, pairs = out.shape[0], self._upper.shape[1]
+        rest = out[:, 3 * m:]
+        q_raw = base + rest[:, :base.numel()].reshape(n, *base.shape)
+        row, col = self._upper.to(out.device)
+        du = rest[:, base.numel():base.numel() + pairs]
+        dut = rest[:, base.numel() + pairs:]
+        u = u.expand(n, m, m).index_put((torch.arange(n, device=out.device)[:, None], row, col),
+                                        du, accumulate=True)
+        ut = ut.expand(n, m, m).index_put((torch.arange(n, device=out.device)[:, None], row,
+                                           col), dut, accumulate=True)
+        return self._q(q_raw), u, ut, torch.tanh(r_raw), torch.tanh(rt_raw), b
 
     # ------------------------------------------------------------------ directions
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        q = self._q()
-        u, ut, rd, rtd, b = self._params(context)
-        w = z @ q
-        a = w @ ut.T + rtd * w + b
+        q, u, ut, rd, rtd, b = self._params(context)
+        w = _times(z, q)
+        a = _times(w, ut.mT) + rtd * w + b
         h = torch.tanh(a)
-        x = z + (h @ u.T + rd * h) @ q.T
+        x = z + _times(_times(h, u.mT) + rd * h, q.mT)
         return x, torch.log1p((1.0 - h * h) * rd * rtd).sum(-1)
 
     @torch.no_grad()
@@ -131,8 +180,9 @@ class Sylvester(Layer):
         h = torch.zeros_like(y)
         for i in range(m - 1, -1, -1):
             check_deadline("sylvester: inverse")
-            s = y[:, i] - h[:, i + 1:] @ u[i, i + 1:]
-            c = w[:, i + 1:] @ ut[i, i + 1:] + b[:, i]
+            # Row i of R and R~ right of the diagonal, shared (M - i - 1) or per row (N, ...).
+            s = y[:, i] - (h[:, i + 1:] * u[..., i, i + 1:]).sum(-1)
+            c = (w[:, i + 1:] * ut[..., i, i + 1:]).sum(-1) + b[:, i]
             r, rt = rd[:, i], rtd[:, i]
             spread = r.abs()
             lo, hi, wi = s - spread, s + spread, s.clone()
@@ -156,15 +206,14 @@ class Sylvester(Layer):
         return w
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        q = self._q()
-        u, ut, rd, rtd, b = self._params(context)
-        y = x @ q
+        q, u, ut, rd, rtd, b = self._params(context)
+        y = _times(x, q)
         w = self._solve(y.detach(), u.detach(), ut.detach(), rd.detach(), rtd.detach(), b.detach())
-        a = w @ ut.T + rtd * w + b
+        a = _times(w, ut.mT) + rtd * w + b
         if torch.is_grad_enabled() and (y.requires_grad or a.requires_grad):
             # One differentiable Newton step on the whole system: same value, implicit gradients.
             h = torch.tanh(a)
-            residual = w + h @ u.T + rd * h - y
+            residual = w + _times(h, u.mT) + rd * h - y
             m = self.rank
             eye = torch.eye(m, dtype=x.dtype, device=x.device)
             # dF/dw = I + R diag(h') R~, upper triangular: (N, M, M).
@@ -172,7 +221,12 @@ class Sylvester(Layer):
             rt_full = ut + torch.diag_embed(rtd.expand(x.shape[0], m))
             jac = eye + r_full * (1.0 - h * h)[:, None, :] @ rt_full
             w = w - torch.linalg.solve_triangular(jac, residual[..., None], upper=True)[..., 0]
-            a = w @ ut.T + rtd * w + b
+            a = _times(w, ut.mT) + rtd * w + b
         h = torch.tanh(a)
-        z = x - y @ q.T + w @ q.T
+        z = x - _times(y, q.mT) + _times(w, q.mT)
         return z, -torch.log1p((1.0 - h * h) * rd * rtd).sum(-1)
+
+
+def _times(v: Tensor, m: Tensor) -> Tensor:
+    """Rows of ``v`` (N, K) times ``m``: one shared matrix (K, J), or one per row (N, K, J)."""
+    return v @ m if m.dim() == 2 else (v[:, None, :] @ m)[:, 0]

@@ -16,7 +16,7 @@ def _module():
 
 
 @pytest.mark.parametrize("on_noise", [False, True])
-@pytest.mark.parametrize("kind", ["iaf", "nsf", "nsf_ar"])
+@pytest.mark.parametrize("kind", ["iaf", "nsf", "nsf_ar", "sylvester"])
 @pytest.mark.parametrize("transforms", [1, 2, 3, 4])
 def test_modern_posterior_starts_as_the_diagonal(kind, transforms, on_noise):
     bench = _module()
@@ -57,7 +57,7 @@ def test_flow_log_q_is_the_change_of_variables():
 
 
 @pytest.mark.parametrize("on_noise", [False, True])
-@pytest.mark.parametrize("kind", ["iaf", "nsf", "nsf_ar"])
+@pytest.mark.parametrize("kind", ["iaf", "nsf", "nsf_ar", "sylvester"])
 def test_posterior_log_q_is_the_change_of_variables(kind, on_noise):
     """The whole posterior, eps -> z (the encoder's affine map and the flow, in either order, in
     the flow's sampling or forward direction): log q(z | x) = log N(eps) - log|det dz/deps|, the
