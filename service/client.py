@@ -126,6 +126,9 @@ class Draws:
     log_prob: np.ndarray
     columns: list[str] | None = None
     target_log_prob: np.ndarray | None = None
+    #: With ``diagnose=True``: these draws' importance diagnostics against the model (``pareto_k``,
+    #: ``ess_fraction``, ``moment_shift``, ``verdict``, ``reasons``, …).
+    diagnostics: dict[str, Any] | None = None
 
     @property
     def log_weights(self) -> np.ndarray:
@@ -220,12 +223,14 @@ def _draws(r: httpx.Response) -> Draws:
         t = _tensors(r)
         meta = _metadata(r)
         columns = json.loads(meta["columns"]) if "columns" in meta else None
-        return Draws(t["samples"], t["log_prob"], columns, t.get("target_log_prob"))
+        diagnostics = json.loads(meta["diagnostics"]) if "diagnostics" in meta else None
+        return Draws(t["samples"], t["log_prob"], columns, t.get("target_log_prob"), diagnostics)
     data = orjson.loads(r.content)
     tlp = data.get("target_log_prob")
     return Draws(np.asarray(data["samples"], dtype=np.float64),
                  np.asarray(data["log_prob"], dtype=np.float64), data.get("columns"),
-                 None if tlp is None else np.asarray(tlp, dtype=np.float64))
+                 None if tlp is None else np.asarray(tlp, dtype=np.float64),
+                 data.get("diagnostics"))
 
 
 def _metadata(r: httpx.Response) -> dict[str, str]:
@@ -238,19 +243,21 @@ def _metadata(r: httpx.Response) -> dict[str, str]:
 
 
 def _sample_call(model: str, n: int, seed: int | None, context: Any, version: int | None,
-                 binary: bool | None, threshold: int) -> _Call:
+                 binary: bool | None, threshold: int, diagnose: bool = False) -> _Call:
     ctx = None if context is None else _rows(context, "context")
     if binary is None:
         binary = n > threshold
+    extra = {"diagnose": True} if diagnose else {}
     if binary:
         params = {k: v for k, v in {"model": model, "version": version, "n": n,
                                     "seed": seed}.items() if v is not None}
+        params.update({k: "true" for k in extra})
         content = st_save({"context": np.ascontiguousarray(ctx)}) if ctx is not None else b""
 
         return _Call("POST", SAMPLE, _draws, params=params, content=content,
                      headers={"content-type": OCTET_STREAM, "accept": OCTET_STREAM})
     content, headers = _json_body({"model": model, "version": version, "n": n, "seed": seed,
-                                   "context": ctx})
+                                   "context": ctx, **extra})
     return _Call("POST", SAMPLE, _draws, content=content, headers=headers)
 
 
@@ -375,11 +382,14 @@ class Client(_Base):
                                 binary=binary))
 
     def draws(self, model: str, n: int, *, seed: int | None = None, context: Any = None,
-              version: int | None = None, binary: bool | None = None) -> Draws:
+              version: int | None = None, binary: bool | None = None,
+              diagnose: bool = False) -> Draws:
         """``n`` samples with everything the answer holds (``Draws``): for a model fit to a
         model-language target, the named constrained columns, log q there and the model's log
-        density (``Draws.log_weights``, ``Draws.named()``)."""
-        return self._do(_sample_call(model, n, seed, context, version, binary, self.binary_rows))
+        density (``Draws.log_weights``, ``Draws.named()``), and with ``diagnose`` these draws'
+        diagnostics (``Draws.diagnostics``: whether to trust this answer)."""
+        return self._do(_sample_call(model, n, seed, context, version, binary, self.binary_rows,
+                                     diagnose))
 
     # models
     def models(self) -> list[dict[str, Any]]:
@@ -500,9 +510,10 @@ class AsyncClient(_Base):
                                       binary=binary))
 
     async def draws(self, model: str, n: int, *, seed: int | None = None, context: Any = None,
-                    version: int | None = None, binary: bool | None = None) -> Draws:
+                    version: int | None = None, binary: bool | None = None,
+                    diagnose: bool = False) -> Draws:
         return await self._do(_sample_call(model, n, seed, context, version, binary,
-                                           self.binary_rows))
+                                           self.binary_rows, diagnose))
 
     async def models(self) -> list[dict[str, Any]]:
         return (await self._get("/models"))["data"]

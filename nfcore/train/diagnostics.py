@@ -62,7 +62,7 @@ from .loop import generator
 from .start import GaussianStart
 
 __all__ = ["THRESHOLDS", "FLAT_WEIGHTS", "psis", "importance_diagnostics", "sample_with_tails", "verdict",
-           "evaluate_target", "as_float64"]
+           "evaluate_target", "as_float64", "diagnose_draws", "MIN_DIAGNOSED_DRAWS"]
 
 #: (check above, unreliable above) for each diagnostic; ESS fraction: (check below, unreliable below).
 THRESHOLDS: dict[str, tuple[float, float]] = {
@@ -252,27 +252,70 @@ def evaluate_target(flow: Flow, target: Target, n: int = 20_000, seed: int = 0, 
     log_w = torch.cat(log_w_parts)
     out: dict[str, Any] = importance_diagnostics(log_w, target.log_z)
     out["ess_samples"] = n
+    diagnostics = _weight_diagnostics(log_w, out["ess_fraction"], moments)
+    diagnostics["tail_fraction"] = float(torch.cat(tail_parts).double().mean())
+    if start is not None:
+        diagnostics["missing_mass"] = _missing_mass(
+            flow, target, start, torch.cat(xs), torch.cat(log_qs), torch.cat(log_ps), seed)
+    live.train(was_training)
+    out["diagnostics"] = _with_verdict(diagnostics)
+    return out
+
+
+def _weight_diagnostics(log_w: Tensor, ess_fraction: float, moments: _Moments
+                        ) -> dict[str, Any]:
+    """What the importance log-weights of a set of draws say: k̂, the largest weight over the
+    mean, the ESS fraction, the share outside the target's support, the moment shift."""
     _, k = psis(log_w)
     nan = torch.isnan(log_w) | (log_w == math.inf)
     finite = log_w[torch.isfinite(log_w)]
     top = float(torch.exp(finite.max() - torch.logsumexp(finite, 0)) * finite.numel()) \
         if finite.numel() else None
-    diagnostics: dict[str, Any] = {
+    return {
         "pareto_k": k if math.isfinite(k) else None,
         "max_weight": top,
-        "ess_fraction": out["ess_fraction"] if not bool(nan.any()) else 0.0,
-        "tail_fraction": float(torch.cat(tail_parts).double().mean()),
+        "ess_fraction": ess_fraction if not bool(nan.any()) else 0.0,
         "outside_support": float((~torch.isfinite(log_w)).double().mean()),
         "moment_shift": moments.largest_shift(),
     }
-    if start is not None:
-        diagnostics["missing_mass"] = _missing_mass(
-            flow, target, start, torch.cat(xs), torch.cat(log_qs), torch.cat(log_ps), seed)
-    live.train(was_training)
+
+
+def _with_verdict(diagnostics: dict[str, Any]) -> dict[str, Any]:
     diagnostics["verdict"], diagnostics["reasons"] = verdict(diagnostics)
-    out["diagnostics"] = {k: (round(v, 6) if isinstance(v, float) else v)
-                          for k, v in diagnostics.items()}
-    return out
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in diagnostics.items()}
+
+
+#: Fewest draws ``diagnose_draws`` judges: k̂ is fitted to the largest ~3 sqrt(n) weights, which
+#: below this are too few for the fit to mean much.
+MIN_DIAGNOSED_DRAWS = 100
+
+
+@torch.no_grad()
+def diagnose_draws(x: Tensor, log_q: Tensor, log_p: Tensor) -> dict[str, Any]:
+    """The diagnostics of given draws ``x`` (n, columns) of ``q`` as importance samples of the
+    target, from their ``log_q`` and the target's (unnormalised) ``log_p``: ``pareto_k``,
+    ``max_weight``, ``ess_fraction``, ``outside_support``, ``moment_shift`` (over every column
+    of ``x``), ``verdict`` and ``reasons``, by the thresholds ``evaluate_target`` uses. For one
+    query of an amortized posterior, this says whether to trust it for that observation, which
+    the fit's held-out contexts can only say on average. Needs ``MIN_DIAGNOSED_DRAWS`` draws.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(2000, 1, generator=torch.Generator().manual_seed(0))
+        >>> normal = -0.5 * x[:, 0] ** 2
+        >>> diagnose_draws(x, normal, normal)["verdict"]              # q is the target
+        'ok'
+        >>> diagnose_draws(x, normal, -0.5 * (x[:, 0] / 3) ** 2)["verdict"]  # target 3x wider
+        'unreliable'
+    """
+    if x.shape[0] < MIN_DIAGNOSED_DRAWS:
+        raise ValueError(f"diagnostics need at least {MIN_DIAGNOSED_DRAWS} draws; got "
+                         f"{x.shape[0]}")
+    log_w = log_p.double() - log_q.double()
+    moments = _Moments()
+    moments.add(x, log_w)
+    ess = importance_diagnostics(log_w, None)["ess_fraction"]
+    return _with_verdict(_weight_diagnostics(log_w, ess, moments))
 
 
 def _missing_mass(flow: Flow, target: Target, start: GaussianStart, x_q: Tensor, log_q: Tensor,

@@ -143,6 +143,13 @@ class SampleResponse(BaseModel):
     target_log_prob: list[float] | None = Field(
         None, exclude_if=lambda v: v is None, examples=[[-9.7, -10.2, -11.0]],
         description="Model-language targets: the model's log density at each sample.")
+    diagnostics: Diagnostics | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="With diagnose=true: these draws' importance diagnostics against the model "
+                    "(for an amortized posterior: whether to trust it for this observation).",
+        examples=[{"pareto_k": 0.31, "max_weight": 2.4, "ess_fraction": 0.96,
+                   "outside_support": 0.0, "moment_shift": 0.011, "verdict": "ok",
+                   "reasons": []}])
 
 
 # ---------------------------------------------------------------------------------- models

@@ -24,10 +24,13 @@ from typing import Any
 
 import numpy as np
 import orjson
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+from nfcore.train.diagnostics import MIN_DIAGNOSED_DRAWS, diagnose_draws
 
 from ..errors import (
     DeadlineExceeded,
@@ -81,6 +84,12 @@ class SampleOptions(BaseModel):
         None, ge=0, lt=2**63,
         description="Seed of this request's own noise: the same seed gives the same samples, "
                     "batched with other requests or not.", examples=[42])
+    diagnose: bool = Field(
+        False, description="For a model fit to a model-language target: also answer "
+        "'diagnostics' of these draws as importance samples of the model's posterior (PSIS k̂, "
+        f"ESS fraction, moment shift, a verdict with its reasons; n >= {MIN_DIAGNOSED_DRAWS}). "
+        "For an amortized posterior they say whether to trust it for this observation.",
+        examples=[False])
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +279,15 @@ class DataPlane:
 
     async def sample(self, call: Call) -> Answer:
         opts, arrays = _decode(call, SAMPLE, SampleOptions)
+        if opts.diagnose:
+            if opts.n < MIN_DIAGNOSED_DRAWS:
+                raise InvalidInput(f"diagnose needs n >= {MIN_DIAGNOSED_DRAWS} draws (k̂ from "
+                                   f"fewer means little); got n = {opts.n}")
+            plain = (await self.cache.get(opts.model, opts.version)).target is None
+            if plain:
+                raise InvalidInput(f"diagnose: model {opts.model!r} was not fit to a "
+                                   "model-language target, so there is no target density to "
+                                   "weigh its draws against")
         model, result = await self._draw(opts.model, opts.version, opts.n, seed=opts.seed,
                                          context=arrays.get("context"),
                                          timeout_ms=opts.timeout_ms)
@@ -278,9 +296,14 @@ class DataPlane:
         # A model-language target: constrained samples with named columns, log q there and the
         # model's log density (service.inference.constrained).
         samples, log_q, target_log_prob = result
+        fields: dict[str, Any] = {"columns": model.target.columns}
+        if opts.diagnose:
+            # PSIS and the moments: off the event loop (the first call imports scipy, ~1 s).
+            fields["diagnostics"] = await asyncio.to_thread(
+                diagnose_draws, torch.from_numpy(samples), torch.from_numpy(log_q),
+                torch.from_numpy(target_log_prob))
         return _encode(call, model, {"samples": samples, "log_prob": log_q,
-                                     "target_log_prob": target_log_prob},
-                       columns=model.target.columns)
+                                     "target_log_prob": target_log_prob}, **fields)
 
     # ------------------------------------------------------------------ checked runs
     def _check_rows(self, rows: int, what: str) -> None:
