@@ -35,15 +35,16 @@ def run_sample(args: argparse.Namespace) -> int:
     context = None
     if args.context:
         context = np.asarray([[float(v) for v in args.context.split(",")]])
-    columns = target_log_prob = None
+    columns = target_log_prob = diagnostics = None
     if args.url:
         try:
             with Client(args.url, api_key=args.api_key) as c:
                 d = c.draws(args.name, args.n, seed=args.seed, context=context,
-                            version=args.version)
+                            version=args.version, diagnose=args.diagnose)
         except NFServeError as e:
             raise CommandError(f"{e.status_code}: {e.detail}") from None
         x, log_q, columns, target_log_prob = d.samples, d.log_prob, d.columns, d.target_log_prob
+        diagnostics = d.diagnostics
     else:
         import torch
 
@@ -64,7 +65,16 @@ def run_sample(args: argparse.Namespace) -> int:
                     d = target.draws(xs.double(), lq.double())
                     xs, lq, columns = d.samples, d.log_prob, d.columns
                     target_log_prob = d.target_log_prob.numpy()
-        except (ModelNotFound, nfcore.NFCoreError) as e:
+            if args.diagnose:
+                if target is None:
+                    raise CommandError(f"--diagnose: model {args.name!r} was not fit to a "
+                                       "model-language target; there is nothing to weigh its "
+                                       "draws against")
+                from nfcore.train import diagnose_draws
+
+                diagnostics = diagnose_draws(xs.double(), lq.double(),
+                                             torch.from_numpy(target_log_prob))
+        except (ModelNotFound, nfcore.NFCoreError, ValueError) as e:
             raise CommandError(str(e)) from None
         x, log_q = xs.double().numpy(), lq.double().numpy()
     header = (columns or [f"x{i}" for i in range(x.shape[1])]) + ["log_prob"]
@@ -73,6 +83,8 @@ def run_sample(args: argparse.Namespace) -> int:
         header.append("target_log_prob")
         rows.append(target_log_prob)
     _write_rows(np.column_stack(rows), args.out, header)
+    if diagnostics is not None:  # beside the samples, not in them: stdout may be the CSV
+        print(json.dumps({"diagnostics": diagnostics}), file=sys.stderr)
     return 0
 
 
@@ -92,6 +104,9 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--url", default=None, help="ask this server instead of the local store")
     p.add_argument("--api-key", default=None, help="API key for --url")
     p.add_argument("--models-dir", default=None, help="model store (NFSERVE_MODELS_DIR)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="also print these draws' importance diagnostics against the model "
+                        "(k̂, ESS, verdict) as JSON on stderr; a model-language fit, n >= 100")
 
 
 # ---------------------------------------------------------------------- models

@@ -115,3 +115,29 @@ def test_diagnose_asks_for_a_target_and_enough_draws(server: Server) -> None:
     assert few_binary.status_code == 422 and "diagnose needs" in few_binary.text
     assert ok.diagnostics["verdict"] in ("ok", "check", "unreliable")
     assert np.isfinite(ok.diagnostics["ess_fraction"])
+
+
+def test_cli_sample_diagnose_prints_the_verdict_local_and_remote(
+        server: Server, capsys: pytest.CaptureFixture) -> None:
+    """``nfserve sample --diagnose``: the CSV on stdout as before, the diagnostics as JSON on
+    stderr, from the local store and from a server alike; a plain model is an error."""
+    from service.cli import main
+
+    target = targets.from_spec(MODEL)
+    torch.manual_seed(0)
+    fitted = nfcore.build(FLOW)
+    nfcore.fit_target(fitted, target, steps=50, seed=0)
+    _publish(server.models_dir, "cli_fitted", fitted, MODEL)
+    write_model(server.models_dir, "cli_plain", FLOW)
+    verdicts = []
+    for where in (["--models-dir", str(server.models_dir)], ["--url", server.url]):
+        assert main(["sample", "cli_fitted", "-n", "1000", "--seed", "3", "--diagnose",
+                     *where]) == 0
+        out, err = capsys.readouterr()
+        assert out.splitlines()[0].split(",") == ["mu[0]", "mu[1]", "log_prob",
+                                                  "target_log_prob"]
+        assert len(out.splitlines()) == 1001
+        verdicts.append(json.loads(err)["diagnostics"]["verdict"])
+        assert main(["sample", "cli_plain", "-n", "1000", "--diagnose", *where]) == 2
+        assert "not fit to a model-language target" in capsys.readouterr().err
+    assert verdicts == ["ok", "ok"]
