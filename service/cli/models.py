@@ -66,14 +66,20 @@ def run_sample(args: argparse.Namespace) -> int:
                     xs, lq, columns = d.samples, d.log_prob, d.columns
                     target_log_prob = d.target_log_prob.numpy()
             if args.diagnose:
-                if target is None:
-                    raise CommandError(f"--diagnose: model {args.name!r} was not fit to a "
-                                       "model-language target; there is nothing to weigh its "
-                                       "draws against")
                 from nfcore.train import diagnose_draws
 
-                diagnostics = diagnose_draws(xs.double(), lq.double(),
-                                             torch.from_numpy(target_log_prob))
+                from ..inference.constrained import builtin_target_of
+
+                builtin = None if target is not None else builtin_target_of(flow.metadata,
+                                                                            flow.dim)
+                if target is None and builtin is None:
+                    raise CommandError(f"--diagnose: model {args.name!r} was not fit to a "
+                                       "target (a model-language one, or a built-in one by "
+                                       "name); there is nothing to weigh its draws against")
+                with torch.inference_mode():
+                    log_p = (torch.from_numpy(target_log_prob) if target is not None
+                             else builtin.log_prob(xs.double()))
+                diagnostics = diagnose_draws(xs.double(), lq.double(), log_p)
         except (ModelNotFound, nfcore.NFCoreError, ValueError) as e:
             raise CommandError(str(e)) from None
         x, log_q = xs.double().numpy(), lq.double().numpy()
@@ -105,8 +111,8 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="API key for --url")
     p.add_argument("--models-dir", default=None, help="model store (NFSERVE_MODELS_DIR)")
     p.add_argument("--diagnose", action="store_true",
-                   help="also print these draws' importance diagnostics against the model "
-                        "(k̂, ESS, verdict) as JSON on stderr; a model-language fit, n >= 100")
+                   help="also print these draws' importance diagnostics against the target "
+                        "the model was fit to (k̂, ESS, verdict) as JSON on stderr; n >= 100")
 
 
 # ---------------------------------------------------------------------- models

@@ -61,6 +61,24 @@ def _decoded(value: Any) -> Any:
     return value
 
 
+def builtin_target_of(metadata: Mapping[str, Any] | None, dim: int) -> targets.Target | None:
+    """The built-in target (``nfcore.targets.get(name)``) a variational job fit a model to, named
+    in its training summary; None when there is none, the name is unknown here, or the target's
+    dimension differs from the flow's (a target built with options the summary does not keep).
+    It scores the model's draws for ``diagnose``; the answers stay those of a plain flow."""
+    training = _decoded((metadata or {}).get("training"))
+    if not isinstance(training, Mapping) or training.get("objective") != "variational":
+        return None
+    name = training.get("target")
+    if not isinstance(name, str):
+        return None
+    try:
+        target = targets.get(name)
+    except TargetError:
+        return None
+    return target if target.dim == dim and not target.context_dim else None
+
+
 @functools.lru_cache(maxsize=64)
 def _build(text: str) -> targets.Target:
     return targets.from_spec(json.loads(text))

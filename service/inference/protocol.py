@@ -85,8 +85,8 @@ class SampleOptions(BaseModel):
         description="Seed of this request's own noise: the same seed gives the same samples, "
                     "batched with other requests or not.", examples=[42])
     diagnose: bool = Field(
-        False, description="For a model fit to a model-language target: also answer "
-        "'diagnostics' of these draws as importance samples of the model's posterior (PSIS k̂, "
+        False, description="For a model fit to a target (model-language, or built-in by "
+        "name): also answer 'diagnostics' of these draws as importance samples of it (PSIS k̂, "
         f"ESS fraction, moment shift, a verdict with its reasons; n >= {MIN_DIAGNOSED_DRAWS}). "
         "For an amortized posterior they say whether to trust it for this observation.",
         examples=[False])
@@ -240,6 +240,13 @@ def _decode(call: Call, route: str, options: type[BaseModel]
     return _options(options, {**query, **data}), arrays
 
 
+def _diagnose_builtin(target: Any, samples: np.ndarray, log_q: np.ndarray) -> dict[str, Any]:
+    x = torch.from_numpy(samples).double()
+    with torch.inference_mode():
+        log_p = target.log_prob(x)
+    return diagnose_draws(x, torch.from_numpy(log_q), log_p)
+
+
 # ---------------------------------------------------------------------------------- encoding
 def _encode(call: Call, model: LoadedModel, arrays: dict[str, np.ndarray], **fields: Any
             ) -> Answer:
@@ -279,20 +286,27 @@ class DataPlane:
 
     async def sample(self, call: Call) -> Answer:
         opts, arrays = _decode(call, SAMPLE, SampleOptions)
+        builtin = None
         if opts.diagnose:
             if opts.n < MIN_DIAGNOSED_DRAWS:
                 raise InvalidInput(f"diagnose needs n >= {MIN_DIAGNOSED_DRAWS} draws (k̂ from "
                                    f"fewer means little); got n = {opts.n}")
-            plain = (await self.cache.get(opts.model, opts.version)).target is None
-            if plain:
-                raise InvalidInput(f"diagnose: model {opts.model!r} was not fit to a "
-                                   "model-language target, so there is no target density to "
-                                   "weigh its draws against")
+            found = await self.cache.get(opts.model, opts.version)
+            if found.target is None:
+                builtin = constrained.builtin_target_of(found.flow.metadata, found.flow.dim)
+                if builtin is None:
+                    raise InvalidInput(f"diagnose: model {opts.model!r} was not fit to a target "
+                                       "(a model-language one, or a built-in one by name), so "
+                                       "there is no target density to weigh its draws against")
         model, result = await self._draw(opts.model, opts.version, opts.n, seed=opts.seed,
                                          context=arrays.get("context"),
                                          timeout_ms=opts.timeout_ms)
         if model.target is None:
-            return _encode(call, model, {"samples": result[0], "log_prob": result[1]})
+            fields = {}
+            if builtin is not None:  # a built-in target: score the draws here, off the loop
+                fields["diagnostics"] = await asyncio.to_thread(
+                    _diagnose_builtin, builtin, result[0], result[1])
+            return _encode(call, model, {"samples": result[0], "log_prob": result[1]}, **fields)
         # A model-language target: constrained samples with named columns, log q there and the
         # model's log density (service.inference.constrained).
         samples, log_q, target_log_prob = result

@@ -7,6 +7,7 @@ JSON and binary, and the numbers are the engine's for the draws answered."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ MODEL = {"params": {"mu": {"shape": [2]}},
 AMORTIZED = {"params": {"mu": {"shape": [2]}}, "context": {"y": {"shape": [2]}},
              "log_prob": ["normal_lpdf(mu, 0, 1)", "normal_lpdf(y, mu, 0.5)"]}
 FLOW = {"preset": "maf", "dim": 2, "transforms": 2, "hidden": [8]}
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,7 @@ def test_diagnose_asks_for_a_target_and_enough_draws(server: Server) -> None:
                                     headers={"content-type": "application/octet-stream"})
         ok = c.draws("diag_model", MIN_DIAGNOSED_DRAWS, diagnose=True)
     assert plain.value.status_code == 422
-    assert "not fit to a model-language target" in plain.value.detail
+    assert "was not fit to a target" in plain.value.detail
     assert few.value.status_code == 422 and f"n >= {MIN_DIAGNOSED_DRAWS}" in few.value.detail
     assert few_binary.status_code == 422 and "diagnose needs" in few_binary.text
     assert ok.diagnostics["verdict"] in ("ok", "check", "unreliable")
@@ -139,5 +141,41 @@ def test_cli_sample_diagnose_prints_the_verdict_local_and_remote(
         assert len(out.splitlines()) == 1001
         verdicts.append(json.loads(err)["diagnostics"]["verdict"])
         assert main(["sample", "cli_plain", "-n", "1000", "--diagnose", *where]) == 2
-        assert "not fit to a model-language target" in capsys.readouterr().err
+        assert "was not fit to a target" in capsys.readouterr().err
     assert verdicts == ["ok", "ok"]
+
+
+def test_diagnose_scores_a_builtin_target_named_in_the_training_summary(
+        server: Server, capsys: pytest.CaptureFixture) -> None:
+    """A model a variational job fit to a built-in target (the demo models u1-u4) keeps a plain
+    flow's answer and gets diagnostics against that target; an unknown name or a target of
+    another dimension is a 422, as a flow fit to data is."""
+    from service.cli import main
+
+    u1 = targets.get("U1")
+    # The shipped demo model u1, fit to U1 by a variational job (its summary names the target).
+    shutil.copytree(ROOT / "models" / "u1", server.models_dir / "builtin_u1")
+    summary = {"objective": "variational", "target": "U1"}
+    write_model(server.models_dir, "builtin_unknown", FLOW,
+                metadata={"training": {"objective": "variational", "target": "no_such_target"}})
+    write_model(server.models_dir, "builtin_wrong_dim", {"preset": "maf", "dim": 3},
+                metadata={"training": summary})
+    with server.client() as c:
+        d = c.draws("builtin_u1", 2000, seed=4, diagnose=True)
+        b = c.draws("builtin_u1", 2000, seed=4, diagnose=True, binary=True)
+        errors = []
+        for name in ("builtin_unknown", "builtin_wrong_dim"):
+            with pytest.raises(ClientInvalidInput) as e:
+                c.draws(name, 500, diagnose=True)
+            errors.append(e.value)
+    assert d.columns is None and d.target_log_prob is None  # still a plain flow's answer
+    x = torch.from_numpy(d.samples)
+    expected = diagnose_draws(x, torch.from_numpy(d.log_prob), u1.log_prob(x.double()))
+    assert d.diagnostics["verdict"] == expected["verdict"] == "ok", d.diagnostics
+    assert d.diagnostics["pareto_k"] == pytest.approx(expected["pareto_k"], abs=1e-5)
+    assert b.diagnostics == d.diagnostics
+    assert all(e.status_code == 422 and "was not fit to a target" in e.detail for e in errors)
+    # the command line, from the local store, says the same
+    assert main(["sample", "builtin_u1", "-n", "2000", "--seed", "4", "--diagnose",
+                 "--models-dir", str(server.models_dir)]) == 0
+    assert json.loads(capsys.readouterr().err)["diagnostics"]["verdict"] == "ok"
