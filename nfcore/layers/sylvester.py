@@ -151,13 +151,11 @@ class Sylvester(Layer):
         n, pairs = out.shape[0], self._upper.shape[1]
         rest = out[:, 3 * m:]
         q_raw = base + rest[:, :base.numel()].reshape(n, *base.shape)
-        row, col = self._upper.to(out.device)
+        where = (torch.arange(n, device=out.device)[:, None], *self._upper.to(out.device))
         du = rest[:, base.numel():base.numel() + pairs]
         dut = rest[:, base.numel() + pairs:]
-        u = u.expand(n, m, m).index_put((torch.arange(n, device=out.device)[:, None], row, col),
-                                        du, accumulate=True)
-        ut = ut.expand(n, m, m).index_put((torch.arange(n, device=out.device)[:, None], row,
-                                           col), dut, accumulate=True)
+        u = u.expand(n, m, m).index_put(where, du, accumulate=True)
+        ut = ut.expand(n, m, m).index_put(where, dut, accumulate=True)
         return self._q(q_raw), u, ut, torch.tanh(r_raw), torch.tanh(rt_raw), b
 
     # ------------------------------------------------------------------ directions

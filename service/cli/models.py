@@ -66,9 +66,7 @@ def run_sample(args: argparse.Namespace) -> int:
                     xs, lq, columns = d.samples, d.log_prob, d.columns
                     target_log_prob = d.target_log_prob.numpy()
             if args.diagnose:
-                from nfcore.train import diagnose_draws
-
-                from ..inference.constrained import builtin_target_of
+                from ..inference.constrained import builtin_target_of, diagnose
 
                 builtin = None if target is not None else builtin_target_of(flow.metadata,
                                                                             flow.dim)
@@ -76,10 +74,7 @@ def run_sample(args: argparse.Namespace) -> int:
                     raise CommandError(f"--diagnose: model {args.name!r} was not fit to a "
                                        "target (a model-language one, or a built-in one by "
                                        "name); there is nothing to weigh its draws against")
-                with torch.inference_mode():
-                    log_p = (torch.from_numpy(target_log_prob) if target is not None
-                             else builtin.log_prob(xs.double()))
-                diagnostics = diagnose_draws(xs.double(), lq.double(), log_p)
+                diagnostics = diagnose(xs, lq, target_log_prob, builtin=builtin)
         except (ModelNotFound, nfcore.NFCoreError, ValueError) as e:
             raise CommandError(str(e)) from None
         x, log_q = xs.double().numpy(), lq.double().numpy()

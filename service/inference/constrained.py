@@ -36,6 +36,7 @@ import torch
 import nfcore
 from nfcore import targets
 from nfcore.errors import TargetError
+from nfcore.train.diagnostics import diagnose_draws
 
 from ..errors import InvalidInput
 from ..wire import TARGET_METADATA
@@ -77,6 +78,20 @@ def builtin_target_of(metadata: Mapping[str, Any] | None, dim: int) -> targets.T
     except TargetError:
         return None
     return target if target.dim == dim and not target.context_dim else None
+
+
+def diagnose(samples: Any, log_q: Any, target_log_prob: Any = None,
+             builtin: targets.Target | None = None) -> dict[str, Any]:
+    """``nfcore.train.diagnose_draws`` of drawn ``samples`` and their ``log_q``, against the
+    model-language target's ``target_log_prob`` when given, else ``builtin``'s density at the
+    samples (see ``builtin_target_of``). For ``/sample`` and ``nfserve sample --diagnose``."""
+    x = torch.as_tensor(samples).double()
+    if target_log_prob is not None:
+        log_p = torch.as_tensor(target_log_prob)
+    else:
+        with torch.inference_mode():
+            log_p = builtin.log_prob(x)
+    return diagnose_draws(x, torch.as_tensor(log_q), log_p)
 
 
 @functools.lru_cache(maxsize=64)

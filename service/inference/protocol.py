@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import orjson
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from nfcore.train.diagnostics import MIN_DIAGNOSED_DRAWS, diagnose_draws
+from nfcore.train.diagnostics import MIN_DIAGNOSED_DRAWS
 
 from ..errors import (
     DeadlineExceeded,
@@ -240,13 +239,6 @@ def _decode(call: Call, route: str, options: type[BaseModel]
     return _options(options, {**query, **data}), arrays
 
 
-def _diagnose_builtin(target: Any, samples: np.ndarray, log_q: np.ndarray) -> dict[str, Any]:
-    x = torch.from_numpy(samples).double()
-    with torch.inference_mode():
-        log_p = target.log_prob(x)
-    return diagnose_draws(x, torch.from_numpy(log_q), log_p)
-
-
 # ---------------------------------------------------------------------------------- encoding
 def _encode(call: Call, model: LoadedModel, arrays: dict[str, np.ndarray], **fields: Any
             ) -> Answer:
@@ -286,38 +278,37 @@ class DataPlane:
 
     async def sample(self, call: Call) -> Answer:
         opts, arrays = _decode(call, SAMPLE, SampleOptions)
-        builtin = None
+        model = builtin = None
         if opts.diagnose:
             if opts.n < MIN_DIAGNOSED_DRAWS:
                 raise InvalidInput(f"diagnose needs n >= {MIN_DIAGNOSED_DRAWS} draws (k̂ from "
                                    f"fewer means little); got n = {opts.n}")
-            found = await self.cache.get(opts.model, opts.version)
-            if found.target is None:
-                builtin = constrained.builtin_target_of(found.flow.metadata, found.flow.dim)
+            # Checked before drawing, on the very version that then draws.
+            model = await self.cache.get(opts.model, opts.version)
+            if model.target is None:
+                builtin = constrained.builtin_target_of(model.flow.metadata, model.flow.dim)
                 if builtin is None:
                     raise InvalidInput(f"diagnose: model {opts.model!r} was not fit to a target "
                                        "(a model-language one, or a built-in one by name), so "
                                        "there is no target density to weigh its draws against")
         model, result = await self._draw(opts.model, opts.version, opts.n, seed=opts.seed,
                                          context=arrays.get("context"),
-                                         timeout_ms=opts.timeout_ms)
+                                         timeout_ms=opts.timeout_ms, model=model)
         if model.target is None:
-            fields = {}
-            if builtin is not None:  # a built-in target: score the draws here, off the loop
-                fields["diagnostics"] = await asyncio.to_thread(
-                    _diagnose_builtin, builtin, result[0], result[1])
-            return _encode(call, model, {"samples": result[0], "log_prob": result[1]}, **fields)
-        # A model-language target: constrained samples with named columns, log q there and the
-        # model's log density (service.inference.constrained).
-        samples, log_q, target_log_prob = result
-        fields: dict[str, Any] = {"columns": model.target.columns}
+            arrays_out = {"samples": result[0], "log_prob": result[1]}
+            fields: dict[str, Any] = {}
+        else:
+            # A model-language target: constrained samples with named columns, log q there and
+            # the model's log density (service.inference.constrained).
+            arrays_out = dict(zip(("samples", "log_prob", "target_log_prob"), result,
+                                  strict=True))
+            fields = {"columns": model.target.columns}
         if opts.diagnose:
             # PSIS and the moments: off the event loop (the first call imports scipy, ~1 s).
             fields["diagnostics"] = await asyncio.to_thread(
-                diagnose_draws, torch.from_numpy(samples), torch.from_numpy(log_q),
-                torch.from_numpy(target_log_prob))
-        return _encode(call, model, {"samples": samples, "log_prob": log_q,
-                                     "target_log_prob": target_log_prob}, **fields)
+                constrained.diagnose, arrays_out["samples"], arrays_out["log_prob"],
+                arrays_out.get("target_log_prob"), builtin=builtin)
+        return _encode(call, model, arrays_out, **fields)
 
     # ------------------------------------------------------------------ checked runs
     def _check_rows(self, rows: int, what: str) -> None:
@@ -357,13 +348,16 @@ class DataPlane:
         return model, result[0], result[1]
 
     async def _draw(self, name: str, version: int | None, n: int, *, seed: int | None = None,
-                    context: object = None, timeout_ms: float | None = None
+                    context: object = None, timeout_ms: float | None = None,
+                    model: LoadedModel | None = None
                     ) -> tuple[LoadedModel, tuple[np.ndarray, ...]]:
+        """Draw from ``model``, or from the loaded ``name``/``version`` when it is None."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidInput(f"n must be a positive integer; got {n!r}")
         if n > self.settings.max_sample_n:
             raise PayloadTooLarge(f"n = {n} is over the limit of {self.settings.max_sample_n}")
-        model = await self.cache.get(name, version)
+        if model is None:
+            model = await self.cache.get(name, version)
         with self._track(model):
             ctx = self._context(model, context, n)
             return model, await self._run(model, "sample", n, timeout_ms, seed=seed, context=ctx)
