@@ -223,8 +223,11 @@ class Flow(nn.Module):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ShapeError(f"Expected a non-negative integer n; got {n!r}")
         ctx = self._context(context, n)
-        z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
-        return self.sample_from_noise(z, ctx)
+        # The noise is drawn where the generator lives (a CPU generator drives a flow on any
+        # device, so that a seed means the same draws everywhere) and then moved.
+        where = self.device if generator is None else generator.device
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=where)
+        return self.sample_from_noise(z.to(self.device), ctx)
 
     def sample_from_noise(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Push base noise ``z`` through the flow: ``(x, log q(x))``. Lets callers own the noise."""

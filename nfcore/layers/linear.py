@@ -11,6 +11,22 @@ from .base import Layer
 __all__ = ["LULinear", "ActNorm", "LocScale", "Permute", "Standardize"]
 
 
+
+#: Rows per triangular solve on an accelerator. On an H200 (torch 2.11, CUDA 13), one solve of a
+#: 2 x 2 factor against 400,000 right-hand sides took 0.2 ms, against 600,000 5.2 s and against
+#: 1,000,000 8.1 s; in blocks of this many rows, 1,000,000 took 0.5 ms. It made every preset's
+#: ``log_prob`` (``loc_scale`` solves) 100 times slower from about half a million rows.
+SOLVE_BLOCK_ROWS = 1 << 16
+
+
+def solve_rows(factor: Tensor, rows: Tensor, **kw) -> Tensor:
+    """``x`` with ``factor @ x[i] = rows[i]`` for every row: ``solve_triangular(factor, rows.T,
+    **kw).T``, in blocks of ``SOLVE_BLOCK_ROWS`` rows off the CPU (the same arithmetic per row)."""
+    if rows.device.type == "cpu" or rows.shape[0] <= SOLVE_BLOCK_ROWS:
+        return torch.linalg.solve_triangular(factor, rows.T, **kw).T
+    return torch.cat([torch.linalg.solve_triangular(factor, part.T, **kw).T
+                      for part in rows.split(SOLVE_BLOCK_ROWS)])
+
 class LULinear(Layer):
     """``z = W x + bias`` with ``W = P L U``: ``P`` a fixed permutation, ``L`` unit lower-triangular,
     ``U`` upper-triangular with a positive diagonal ``exp(log_diag)``. ``log|det W| = sum(log_diag)``.
@@ -61,10 +77,8 @@ class LULinear(Layer):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lower, upper = self._factors()
-        y = (z - self.bias)[:, self.perm].T
-        y = torch.linalg.solve_triangular(lower, y, upper=False, unitriangular=True)
-        x = torch.linalg.solve_triangular(upper, y, upper=True).T
-        return x, (-self.log_diag.sum()).expand(z.shape[0])
+        y = solve_rows(lower, (z - self.bias)[:, self.perm], upper=False, unitriangular=True)
+        return solve_rows(upper, y, upper=True), (-self.log_diag.sum()).expand(z.shape[0])
 
 
 class ActNorm(Layer):
@@ -160,7 +174,7 @@ class LocScale(Layer):
         corr = cov / (scale[:, None] * scale[None, :])
         # A singular correlation (collinear columns) gets the least jitter that makes it positive
         # definite, so that L stays invertible; a regular one is factored exactly.
-        eye = torch.eye(corr.shape[0], dtype=torch.float64)
+        eye = torch.eye(corr.shape[0], dtype=torch.float64, device=corr.device)
         for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
             chol, info = torch.linalg.cholesky_ex((1.0 - jitter) * corr + jitter * eye)
             if int(info) == 0:
@@ -174,8 +188,7 @@ class LocScale(Layer):
         ladj = (-self.log_diag.sum()).expand(x.shape[0])
         if not self.triangular:
             return (x - self.loc) * torch.exp(-self.log_diag), ladj
-        z = torch.linalg.solve_triangular(self._scale(), (x - self.loc).T, upper=False).T
-        return z, ladj
+        return solve_rows(self._scale(), x - self.loc, upper=False), ladj
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ladj = self.log_diag.sum().expand(z.shape[0])

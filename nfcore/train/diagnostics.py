@@ -323,11 +323,12 @@ def _missing_mass(flow: Flow, target: Target, start: GaussianStart, x_q: Tensor,
     """``1 - Z_q / Z_mix``: ``Z_q`` from ``q``'s samples alone, ``Z_mix`` from them together with
     draws from a Student-t around the ``start``, weighted by the balance heuristic (the mixture
     density)."""
+    x_q, log_q, log_p = x_q.cpu(), log_q.cpu(), log_p.cpu()  # the start lives on the CPU
     n_q = x_q.shape[0]
     n_g = max(n_q // 4, 1)
     x_g = start.sample(n_g, generator(seed, 4), df=DEFENSIVE_DF)
     log_p_g = target.log_prob(x_g.to(flow.dtype)).double()
-    log_q_g = torch.cat([flow.log_prob(x_g[i : i + _EVAL_CHUNK].to(flow.dtype))
+    log_q_g = torch.cat([flow.log_prob(x_g[i : i + _EVAL_CHUNK].to(flow.dtype)).cpu()
                          for i in range(0, n_g, _EVAL_CHUNK)]).double()
     log_g_q = start.log_prob(x_q.double(), df=DEFENSIVE_DF)
     log_g_g = start.log_prob(x_g, df=DEFENSIVE_DF)

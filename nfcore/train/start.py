@@ -49,8 +49,9 @@ class GaussianStart:
     def log_prob(self, x: Tensor, df: int | None = None) -> Tensor:
         """Its log density at ``x`` (shape ``(N, dim)``); with ``df``, that of the multivariate
         Student-t with ``df`` degrees of freedom and the same location and scale matrix."""
-        eps = torch.linalg.solve(self.factor, (x.double() - self.mean).T).T
-        _, logdet = torch.linalg.slogdet(self.factor)
+        factor = self.factor.to(x.device)  # x may live on the flow's device
+        eps = torch.linalg.solve(factor, (x.double() - self.mean.to(x.device)).T).T
+        _, logdet = torch.linalg.slogdet(factor)
         d = x.shape[-1]
         q = (eps * eps).sum(-1)
         if df is None:
