@@ -18,6 +18,23 @@ from .base import lean, soft_clamp
 __all__ = ["Affine", "RationalQuadratic"]
 
 
+def running_sum(t: Tensor, by_adds: bool | None = None) -> Tensor:
+    """``t.cumsum(-1)`` over a short last axis (a spline's bins). Off the CPU (``by_adds`` None:
+    decided by ``t``'s device) it is ``bins - 1`` in-place adds of one column into the next,
+    the same additions in the same order: on an H200 (torch 2.11) the scan kernel over an
+    innermost axis of 8 took 4.6 ms for 400,000 x 2 x 8 elements, 85 % of an nsf ``log_prob``
+    pass. Not a matmul with a triangle of ones, which TF32 would round. Autograd goes through
+    either."""
+    if by_adds is None:
+        by_adds = t.device.type != "cpu"
+    if not by_adds:
+        return t.cumsum(-1)
+    out = t.clone()
+    for j in range(1, t.shape[-1]):
+        out[..., j] += out[..., j - 1]
+    return out
+
+
 class Affine:
     """``z = (x - shift) * exp(-log_scale)`` with ``log_scale`` softly bounded by ``scale_bound``."""
 
@@ -73,7 +90,7 @@ class RationalQuadratic:
         e = torch.exp(raw.clamp(-40.0, 40.0))
         scale = (1.0 - minimum * raw.shape[-1]) / e.sum(-1, keepdim=True)
         size = torch.addcmul(torch.full_like(scale, minimum), e, scale)
-        right = torch.cumsum(size, dim=-1)
+        right = running_sum(size)
         return size, right, right - size
 
     def marginal_params(self, v: Tensor, offset: Tensor | None = None,
@@ -171,7 +188,7 @@ class RationalQuadratic:
         size = params[..., : 2 * k].clamp(-40.0, 40.0).exp_().view(n, f, 2, k)
         scale = (1.0 - minimum * k) / size.sum(-1, keepdim=True)
         size = size.mul_(scale).add_(minimum)  # (N, F, 2, K): bin widths, bin heights
-        right = size.cumsum(-1)
+        right = running_sum(size)
 
         inside = (v >= -bound) & (v <= bound)
         u = (v.clamp(-bound, bound) + bound) / (2.0 * bound)
