@@ -38,7 +38,8 @@ FAST_ENV = {
     "NFSERVE_HEARTBEAT_INTERVAL_S": "0.25",
     "NFSERVE_HEARTBEAT_TIMEOUT_S": "3",
     "NFSERVE_CHECKPOINT_EVERY_S": "0.25",
-    "NFSERVE_DEVICE": "cpu",
+    # CPU unless a GPU run asks otherwise (.ci/cuda sets NFSERVE_TEST_DEVICE=cuda).
+    "NFSERVE_DEVICE": os.environ.get("NFSERVE_TEST_DEVICE", "cpu"),
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
 }
