@@ -20,10 +20,11 @@ __all__ = ["Affine", "RationalQuadratic"]
 
 def running_sum(t: Tensor, by_adds: bool | None = None) -> Tensor:
     """``t.cumsum(-1)`` over a short last axis (a spline's bins). Off the CPU (``by_adds`` None:
-    decided by ``t``'s device) it is ``bins - 1`` in-place adds of one column into the next,
-    the same additions in the same order: on an H200 (torch 2.11) the scan kernel over an
-    innermost axis of 8 took 4.6 ms for 400,000 x 2 x 8 elements, 85 % of an nsf ``log_prob``
-    pass. Not a matmul with a triangle of ones, which TF32 would round. Autograd goes through
+    decided by ``t``'s device) it is ``bins - 1`` in-place adds of one column into the next: on
+    an H200 (torch 2.11) the scan kernel over an innermost axis of 8 took 4.6 ms for
+    400,000 x 2 x 8 elements, 85 % of an nsf ``log_prob`` pass. The adds accumulate in ``t``'s
+    dtype, as CUDA's scan does (the CPU's scan accumulates float32 in double, so the CPU keeps
+    it); not a matmul with a triangle of ones, which TF32 would round. Autograd goes through
     either."""
     if by_adds is None:
         by_adds = t.device.type != "cpu"
