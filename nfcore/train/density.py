@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from ..flow import Flow
+from .density_diagnostics import evaluate_density
 from .flow_matching import density_loss
 from .loop import FitResult, Loop, Progress, check_common, finite_or_none, generator, resolve_steps
 
@@ -221,6 +222,7 @@ def fit_density(
                        generator(seed, 4, i))
 
     loop.run(step, validate=(lambda: _mean_nll(flow, x_val, c_val)) if n_val else None)
+    diagnostics = evaluate_density(flow, x_train, x_val, c_train, c_val, seed)
     summary = loop.summary(
         objective="density",
         loss_function=loss_name,
@@ -230,5 +232,6 @@ def fit_density(
         val_loss=finite_or_none(loop.extra["best_val"]),
         best_step=loop.extra["best_step"] if n_val else loop.step,
         epochs=round(loop.step / per_epoch, 3),
+        diagnostics=diagnostics,
     )
     return FitResult(flow=flow, history=loop.history, summary=summary)

@@ -162,22 +162,47 @@ EIGHT_SCHOOLS: dict[str, Any] = {
     "derived": {"theta": "mu + tau * theta_tilde"}}
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class Diagnostics(BaseModel):
-    """Whether a variational fit can be trusted: Pareto-smoothed importance sampling k̂, the ESS
-    fraction, the share of samples in spline tails, and a verdict with its reasons."""
+    """Whether a fit can be trusted, as a verdict with its reasons and the measures behind them:
+    for a variational fit, Pareto-smoothed importance sampling k̂, the ESS fraction and the share
+    of samples in spline tails; for a density fit, the held-out log-likelihood against the data's
+    own Gaussian, the latent space's distance to a standard normal, and columns of few distinct
+    values."""
 
     model_config = ConfigDict(extra="allow")  # new measures pass through
 
-    pareto_k: float | None = Field(None, description="PSIS k̂ of the importance weights "
-                                   "(Vehtari et al.); below 0.7 is good.", examples=[0.41])
-    ess_fraction: float | None = Field(None, description="Effective sample size of the importance "
-                                       "weights, as a share of the samples.", examples=[0.83])
-    tail_fraction: float | None = Field(None, description="Share of samples where a spline layer "
-                                        "is the identity (outside its bound).", examples=[0.0])
+    pareto_k: float | None = Field(
+        None, exclude_if=_absent, description="PSIS k̂ of the importance weights (Vehtari et "
+        "al.); below 0.7 is good.", examples=[0.41])
+    ess_fraction: float | None = Field(
+        None, exclude_if=_absent, description="Effective sample size of the importance weights, "
+        "as a share of the samples.", examples=[0.83])
+    tail_fraction: float | None = Field(
+        None, exclude_if=_absent, description="Share of samples where a spline layer is the "
+        "identity (outside its bound).", examples=[0.0])
     moment_shift: float | None = Field(
-        None, description="Largest move importance weighting makes to a mean (in sd) or an sd "
+        None, exclude_if=_absent,
+        description="Largest move importance weighting makes to a mean (in sd) or an sd "
         "(ratio - 1) of q's samples: the raw samples' own error; above 0.05 is not ok.",
         examples=[0.012])
+    gain_over_gaussian: float | None = Field(
+        None, exclude_if=_absent,
+        description="Density fits: the flow's mean log-likelihood per held-out row minus "
+        "that of a Gaussian with the training rows' mean and covariance, in nats; below zero "
+        "(beyond gain_se) is not ok.", examples=[0.41])
+    latent_ks: float | None = Field(
+        None, exclude_if=_absent,
+        description="Density fits: the largest Kolmogorov-Smirnov distance of a latent "
+        "coordinate of the held-out rows to a standard normal; a good fit's is near zero.",
+        examples=[0.03])
+    discrete_columns: list[int] | None = Field(
+        None, exclude_if=_absent,
+        description="Density fits: data columns of few distinct values, on which a "
+        "continuous density is degenerate.", examples=[[]])
     verdict: Literal["ok", "check", "unreliable"] = Field(
         description="ok: trust it; check: look closer; unreliable: do not use it as is.",
         examples=["ok"])
@@ -188,10 +213,6 @@ class Diagnostics(BaseModel):
 _DIAGNOSTICS = {"pareto_k": 0.41, "ess_fraction": 0.93, "tail_fraction": 0.0,
                 "moment_shift": 0.012, "verdict": "ok",
                 "reasons": []}
-
-
-def _absent(value: object) -> bool:
-    return value is None
 
 
 def diagnostics_of(summary: object) -> Diagnostics | None:
@@ -240,7 +261,8 @@ class ModelVersionPublic(BaseModel):
                     "decoded.", examples=[{"training": {"objective": "density", "steps": 2000}}])
     diagnostics: Diagnostics | None = Field(
         None, exclude_if=_absent, description="The fit's diagnostics, from the training summary; "
-        "present for fits that have them (variational ones).", examples=[_DIAGNOSTICS])
+        "present for fits that have them (variational fits, and density fits from this version "
+        "on).", examples=[_DIAGNOSTICS])
     cost: dict[Literal["log_prob", "sample"], Literal["one pass", "iterative", "ode"]] = Field(
         description="What its two operations cost: one pass per layer, an iterative solve "
                     "(fixed point, root finding, sequential features) or an ODE solve.",
@@ -501,9 +523,10 @@ class JobResult(BaseModel):
     model: str = Field(description="Model name.", examples=["two_moons"])
     version: int = Field(description="The new version, servable at once.", examples=[3])
     diagnostics: Diagnostics | None = Field(
-        None, exclude_if=_absent, description="Whether the fit can be trusted: k̂, ESS fraction, "
-        "tail fraction, verdict and reasons; present for fits that have them (variational "
-        "jobs).", examples=[_DIAGNOSTICS])
+        None, exclude_if=_absent, description="Whether the fit can be trusted: a verdict, its "
+        "reasons and the measures behind them (k̂ and ESS for a variational fit; the held-out "
+        "gain over a Gaussian and the latent's distance to a normal for a density fit).",
+        examples=[_DIAGNOSTICS])
 
 
 class JobPublic(BaseModel):

@@ -45,6 +45,14 @@ FAST_ENV = {
 }
 
 
+def published(job: dict[str, Any]) -> dict[str, Any]:
+    """A succeeded job's model and version; its result also holds the fit's diagnostics (every
+    fit has them: a density fit's, a variational fit's), which this checks are there."""
+    result = job["result"]
+    assert result["diagnostics"]["verdict"] in ("ok", "check", "unreliable"), result
+    return {"model": result["model"], "version": result["version"]}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

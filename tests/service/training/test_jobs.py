@@ -26,7 +26,7 @@ from service.training.reaper import checkpoint_path, reap
 from service.training.requests import OPTIONS
 from service.training.worker import JobRunner
 
-from ..jobsupport import TINY_FLOW, Deployment, deployment, two_moons, wait_for, wait_job
+from ..jobsupport import TINY_FLOW, Deployment, deployment, published, two_moons, wait_for, wait_job
 
 __all__ = ["deployment"]  # the fixture, imported for the tests below
 
@@ -133,7 +133,7 @@ def test_density_job_runs_publishes_and_is_servable(api: TestClient) -> None:
 
     job = api.get(f"/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job
-    assert job["result"] == {"model": "moons", "version": 1}
+    assert published(job) == {"model": "moons", "version": 1}
     assert job["progress"]["step"] == job["progress"]["total"] == 60
     assert job["progress"]["loss"] is not None and job["progress"]["val_loss"] is not None
     assert job["attempts"] == 1 and job["error"] is None
@@ -316,7 +316,7 @@ def test_end_to_end_over_http_embedded_mode(deployment: Deployment) -> None:
         first = client.train("moons", TINY_FLOW, objective, {"steps": 200, "batch_size": 64})
         job = wait_job(client, first["job_id"], deployment)
         assert job["status"] == "succeeded", job
-        assert job["result"] == {"model": "moons", "version": 1}
+        assert published(job) == {"model": "moons", "version": 1}
         assert job["progress"]["step"] == 200
 
         x = two_moons(5, seed=1)
@@ -328,7 +328,7 @@ def test_end_to_end_over_http_embedded_mode(deployment: Deployment) -> None:
         second = client.train("moons", TINY_FLOW, objective,
                               {"steps": 100, "batch_size": 64, "seed": 1})
         job = wait_job(client, second["job_id"], deployment)
-        assert job["result"] == {"model": "moons", "version": 2}, job
+        assert published(job) == {"model": "moons", "version": 2}, job
         lp2 = client.log_prob("moons", x)  # latest is now version 2, no restart
         assert not np.allclose(lp1, lp2)
         np.testing.assert_allclose(client.log_prob("moons", x, version=1), lp1, rtol=1e-5)

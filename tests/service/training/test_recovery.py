@@ -15,7 +15,16 @@ import pytest
 from nfcore.train.checkpoint import checkpoint_step
 from service.client import Client
 
-from ..jobsupport import TINY_FLOW, Deployment, deployment, job_row, two_moons, wait_for, wait_job
+from ..jobsupport import (
+    TINY_FLOW,
+    Deployment,
+    deployment,
+    job_row,
+    published,
+    two_moons,
+    wait_for,
+    wait_job,
+)
 
 __all__ = ["deployment"]
 
@@ -63,7 +72,7 @@ def test_killed_worker_job_resumes_from_its_checkpoint_on_another_worker(
         assert job["retries"] == 1 and job["attempts"] == 2
         assert job["resumed_from"] >= step > 0  # resumed, not restarted
         assert job["progress"]["step"] > step
-        assert job["result"] == {"model": "moons", "version": 1}
+        assert published(job) == {"model": "moons", "version": 1}
         assert np.isfinite(client.log_prob("moons", [[0.5, 0.25]])).all()
     assert not (deployment.data_dir / "checkpoints" / f"{job_id}.safetensors").exists()
 
@@ -103,7 +112,7 @@ def test_api_killed_and_restarted_while_a_job_runs_loses_nothing(deployment: Dep
             job = wait_job(client, job_id, deployment)
             assert job["status"] == "succeeded", job
             assert job["attempts"] == 1 and job["retries"] == 0  # never interrupted
-            assert job["result"] == {"model": name, "version": 1}
+            assert published(job) == {"model": name, "version": 1}
             assert np.isfinite(client.log_prob(name, [[0.0, 0.0]])).all()
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from service.client import Client
 
-from ..jobsupport import Deployment, deployment, job_row, wait_for, wait_job
+from ..jobsupport import Deployment, deployment, job_row, published, wait_for, wait_job
 from .test_recovery import submit_long, wait_checkpointed
 
 __all__ = ["deployment"]
@@ -38,7 +38,7 @@ def test_serve_restarts_a_killed_worker_and_the_job_resumes(deployment: Deployme
         assert job["retries"] == 1 and job["attempts"] == 2
         assert job["resumed_from"] >= step > 0  # resumed, not restarted
         assert job_row(deployment, job_id).worker != worker  # by a new worker process
-        assert job["result"] == {"model": "moons", "version": 1}
+        assert published(job) == {"model": "moons", "version": 1}
         assert client.model("moons")["latest"] == 1
         assert np.isfinite(client.log_prob("moons", [[0.5, 0.25]])).all()
         ready = wait_for(lambda: (r := client.ready())["status"] == "ok" and r,
