@@ -143,3 +143,16 @@ def test_one_held_out_row_and_a_non_finite_score_stay_json():
     bad[-1, 0] = 1e300  # float64 overflow in the Gaussian's quadratic form
     d = evaluate_density(_gaussian_flow(x[:399]), x[:399], bad[399:])
     json.dumps(d, allow_nan=False)
+
+
+def test_the_benchmark_script_runs_and_says_so_where_it_should():
+    """``benchmarks/density_diagnostics.py`` on its two cases of known trouble, briefly, in this
+    process: both are told, and the table says so."""
+    from .benchscripts import load_script
+
+    found = load_script("density_diagnostics").main(
+        ["--cases", "counts", "60 rows", "--steps", "20", "--jobs", "1", "--no-write"])
+    verdicts = {r["case"]: r for r in found}
+    assert verdicts["counts"]["discrete_columns"] == [0, 1]
+    assert verdicts["60 rows"]["reasons"][0].startswith("only 6 held-out rows")
+    assert all(r["verdict"] != "ok" for r in found)
