@@ -11,7 +11,6 @@ from .base import Layer
 __all__ = ["LULinear", "ActNorm", "LocScale", "Permute", "Standardize"]
 
 
-
 #: Rows per triangular solve on an accelerator. On an H200 (torch 2.11, CUDA 13), one solve of a
 #: 2 x 2 factor against 400,000 right-hand sides took 0.2 ms, against 600,000 5.2 s and against
 #: 1,000,000 8.1 s; in blocks of this many rows, 1,000,000 took 0.5 ms. It made every preset's
@@ -26,6 +25,7 @@ def solve_rows(factor: Tensor, rows: Tensor, **kw) -> Tensor:
         return torch.linalg.solve_triangular(factor, rows.T, **kw).T
     return torch.cat([torch.linalg.solve_triangular(factor, part.T, **kw).T
                       for part in rows.split(SOLVE_BLOCK_ROWS)])
+
 
 class LULinear(Layer):
     """``z = W x + bias`` with ``W = P L U``: ``P`` a fixed permutation, ``L`` unit lower-triangular,
