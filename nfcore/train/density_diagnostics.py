@@ -169,7 +169,7 @@ def evaluate_density(flow: Flow, x_train: Tensor, x_val: Tensor, c_train: Tensor
     issues: list[tuple[int, str]] = []
     if rows.shape[0] < MIN_ROWS:
         issues.append((1, f"only {rows.shape[0]} {'held-out' if held_out else 'training'} rows to "
-                          f"judge the fit by (fewer than {MIN_ROWS}): the checks below cannot see "
+                          f"judge the fit by (fewer than {MIN_ROWS}): these checks cannot see "
                           "a misfit this small a sample hides; keep more rows for validation"))
     if not math.isfinite(gain):
         issues.append((2, "the flow's log-likelihood of the rows is not finite"))
