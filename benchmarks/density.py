@@ -333,8 +333,9 @@ clipping 5, validation on 10 % of the training rows with early stopping (patienc
 checks) and best-weight restore. Each split's seed also seeds both fits. zuko gets the same split,
 schedule and early stopping written out in plain torch, on standardized data (its log-likelihood
 corrected by the standardization's log-determinant). nfcore's `fit_density` starts each spline
-layer from knots set from the marginals of its input in the training rows (`Flow.initialize`); zuko
-starts from its own initialization. {args.jobs} worker processes of {args.threads} torch thread(s)
+layer from knots set from the marginals of its input in the training rows, its conditioner's output
+weights zeroed (`Flow.initialize`, `nfcore.layers.spline_start`); zuko starts from its own
+initialization. {args.jobs} worker processes of {args.threads} torch thread(s)
 each.
 
 `uname -a`: `{' '.join(platform.uname())}`. Load average before / after:

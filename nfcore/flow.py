@@ -265,8 +265,9 @@ class Flow(nn.Module):
     def initialize(self, x: Any, context: Any = None, *, knots: bool = True) -> Flow:
         """Fit the data-dependent layers (``standardize``, ``actnorm``) to the data ``x``, in order,
         each on the output of the layers before it. With ``knots``, also set each spline layer's
-        knots so that it maps the marginals of its own input towards a standard normal (a
-        starting point for training; it overwrites what training had learned there), and each
+        knots so that it maps the marginals of its own input towards a standard normal, the same for
+        every row (its conditioner's output weights zeroed: see ``layers.spline_start``; a
+        starting point for training, which overwrites what training had learned there), and each
         residual layer's activation bends (``Residual.initialize_knots``). With a
         context embedding, its standardization is set from ``context`` first."""
         h = self._points(x)

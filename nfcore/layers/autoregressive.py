@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MADE, Layer, lean, zero_output
+from .base import MADE, Layer, lean, spline_start, zero_output
 from .elementwise import Affine, RationalQuadratic
 
 __all__ = ["Autoregressive", "MAF", "IAF", "NSFAutoregressive"]
@@ -156,10 +156,8 @@ class NSFAutoregressive(Autoregressive):
         return self.elementwise.outside(x)
 
     def initialize_knots(self, x: Tensor, context: Tensor | None = None) -> None:
-        """Set the conditioner's output bias so that, before any training, each feature's spline
-        maps its marginal in ``x`` towards a standard normal (see
-        ``RationalQuadratic.marginal_params``); the conditioner's weights then learn how the
-        splines depend on the features before it."""
-        bias = self.made.net[-1].bias
-        offset = self.made(x, context) - bias.view(self.dim, -1)
-        bias.copy_(self.elementwise.marginal_params(x, offset).reshape(-1))
+        """Start each feature's spline as the map of its marginal in ``x`` towards a standard
+        normal (see ``RationalQuadratic.marginal_params``), the same for every row: the
+        conditioner's output weights are zeroed and its output bias holds those knots. Training
+        then learns how the splines depend on the features before them (see ``spline_start``)."""
+        spline_start(self.made.net, self.elementwise, x)

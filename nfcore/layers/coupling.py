@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MLP, Layer, zero_output
+from .base import MLP, Layer, spline_start, zero_output
 from .elementwise import Affine, RationalQuadratic
 
 __all__ = ["Coupling", "AffineCoupling", "NSFCoupling"]
@@ -98,10 +98,8 @@ class NSFCoupling(Coupling):
         return self.elementwise.outside(x[..., self.split :])
 
     def initialize_knots(self, x: Tensor, context: Tensor | None = None) -> None:
-        """Set the conditioner's output bias so that, before any training, each transformed
-        feature's spline maps its marginal in ``x`` towards a standard normal (see
-        ``RationalQuadratic.marginal_params``)."""
-        bias = self.net[-1].bias
-        b = x[..., self.split :]
-        offset = self._params(x[..., : self.split], context) - bias.view(b.shape[-1], -1)
-        bias.copy_(self.elementwise.marginal_params(b, offset).reshape(-1))
+        """Start each transformed feature's spline as the map of its marginal in ``x`` towards a
+        standard normal (see ``RationalQuadratic.marginal_params``), the same for every row: the
+        conditioner's output weights are zeroed and its output bias holds those knots. Training
+        then learns how the splines depend on the other features (see ``spline_start``)."""
+        spline_start(self.net, self.elementwise, x[..., self.split :])

@@ -97,7 +97,8 @@ def fit_density(
     data-dependent layers to the training rows first (``standardize`` to their mean and scale, so
     ``log_prob`` stays in data units and any scale or offset is reached; ``loc_scale`` to their
     correlations; ``actnorm``), and (with ``init_knots``) starts each spline layer from knots that
-    map the marginals of its input close to a standard normal, and each residual layer's
+    map the marginals of its input close to a standard normal, with no dependence on the other
+    features yet (``layers.spline_start`` says why), and each residual layer's
     activations from bends placed in its input's range.
     The validation loss is computed every ``validate_every`` steps (default: once per epoch, but
     every 20 to 100 steps); after ``patience`` checks without improvement training stops, and the best
