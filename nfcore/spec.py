@@ -116,6 +116,9 @@ LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
             "exact_dim": (16, _int(0, LIMITS["dim"])), "freqs": (3, _int(0, 16))},
 }
 _COUPLING = {"affine_coupling", "nsf_coupling"}
+#: What a coupling preset (``realnvp``, ``nsf``) uses in one dimension: the autoregressive layer
+#: with the same element-wise map and hyper-parameters.
+_ONE_FEATURE = {"affine_coupling": "maf", "nsf_coupling": "nsf_ar"}
 #: Layer types whose hyper-parameters only describe a context network: without a context they
 #: are left out of the canonical spec, and giving one is an error.
 _CONTEXT_ONLY = {"planar", "radial"}
@@ -201,6 +204,11 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     if name not in PRESETS:
         raise SpecError("preset", f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     kind, permute, actnorm, default_transforms = PRESETS[name]
+    if raw.get("dim") == 1 and kind in _COUPLING:
+        # One feature leaves nothing to couple on: take the autoregressive layer of the same map
+        # (same hyper-parameters), whose one feature's map is learned outright (or comes from the
+        # context), so that a one-parameter model or a single column still fits with the preset.
+        kind = _ONE_FEATURE[kind]
     params = set(LAYER_TYPES[kind])
     _check_keys("", raw, set(_PRESET_KEYS) | params)
     transforms = _int(1, LIMITS["transforms"])("transforms",

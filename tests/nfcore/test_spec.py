@@ -61,6 +61,27 @@ def test_lu_mixing_alternates_the_order_in_two_dimensions():
         assert all(torch.equal(layer(x)[0], x.flip(-1)) for layer in mixers)
 
 
+@pytest.mark.parametrize(("preset", "layer"), [("nsf", "nsf_ar"), ("realnvp", "maf")])
+def test_coupling_presets_in_one_dimension_take_the_autoregressive_layer_of_the_same_map(
+        preset, layer):
+    # One feature leaves nothing to couple on; a one-parameter model must still fit with the
+    # default preset. The layer's own map is then learned outright.
+    flow = nfcore.build({"preset": preset, "dim": 1, "transforms": 3, "hidden": [8],
+                         "dtype": "float64"})
+    kinds = [entry["type"] for entry in flow.spec["layers"]]
+    assert kinds.count(layer) == 3 and not {"nsf_coupling", "affine_coupling"} & set(kinds)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # a map that is not the identity
+        x = torch.linspace(-12, 12, 24_001, dtype=torch.float64)[:, None]
+        density = flow.log_prob(x).exp()
+        z, _ = flow.transform(x)
+        back, _ = flow.sample_from_noise(z)
+    assert abs(float(torch.trapezoid(density, x[:, 0])) - 1) < 1e-3
+    assert torch.allclose(back, x, atol=1e-8)
+
+
 def test_preset_applies_hyper_parameters_to_each_layer():
     flow = nfcore.build({"preset": "nsf", "dim": 3, "transforms": 2, "hidden": [8, 8], "bins": 4,
                          "bound": 3.0})
