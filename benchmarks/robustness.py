@@ -10,7 +10,11 @@ three more targets no preset was built for, each with an exact reference:
 - the eight-schools hierarchical model (Rubin 1981) in the model language, non-centred (the
   textbook posterior a user met: a default fit was 0.68 sd off and reported an ESS of 0.996) and
   centred (a funnel); reference moments by quadrature over ``(mu, log tau)`` with the schools'
-  effects integrated out in closed form.
+  effects integrated out in closed form;
+- heavy tails: independent Student-t coordinates (5-D with 4 degrees of freedom, 10-D with 5),
+  in the model language. A flow's Gaussian base keeps its tails Gaussian, so its sd comes out
+  short; the verdict must say so. (With 4 degrees of freedom the sd of 20,000 exact draws is
+  within 3 % of the truth 98 % of the time: the fourth moment is infinite.)
 
 **Per case:** the worst |mean error| and the sd ratio range over every column, both in the
 reference sd, from ``--draws`` samples; for reverse KL the Pareto k̂ (PSIS, from the same samples
@@ -138,6 +142,11 @@ def reverse_kl_cases() -> dict[str, tuple[nfcore.targets.Target, dict[str, tuple
     for centred in (False, True):
         name = "eight schools, " + ("centred" if centred else "non-centred")
         cases[name] = (nfcore.targets.from_spec(schools_model(centred)), ref)
+    for dim, df in ((5, 4), (10, 5)):
+        model = nfcore.targets.from_spec({"params": {"theta": {"shape": [dim]}},
+                                          "log_prob": [f"student_t_lpdf(theta, {df}, 0, 1)"]})
+        cases[f"student-t {dim}-D, {df} df"] = (
+            model, {f"theta[{i}]": (0.0, math.sqrt(df / (df - 2))) for i in range(dim)})
     return cases
 
 

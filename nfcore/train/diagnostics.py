@@ -19,7 +19,12 @@ mass that ``q`` never visits. So four checks stand side by side:
   normalizing constant ``Z`` stays unbiased wherever either proposal reaches, and whose weights
   are at most a constant times ``q``'s; ``1 - Z_q / Z_mixture`` is what ``q`` alone misses. On the
   centred eight-schools model, a fit that found only the funnel's neck (the group scale's sd 0.4
-  times the truth) had k̂ 0.57 and an ESS of 86 %; this is what saw it (36 % missing).
+  times the truth) had k̂ 0.57 and an ESS of 86 %; this is what saw it (36 % missing). It also sees
+  tails lighter than the target's: a flow's Gaussian base keeps its tails Gaussian, and on a 5-D
+  Student-t target (4 degrees of freedom) a default fit's sd was 8 % short with k̂ 0.47-0.60 and
+  an ESS of 99.3-99.7 %, all fine-looking, but 2.2-2.5 % of the mass missing. ``missing_mass_se`` is
+  its standard error (delta method, the two estimates' covariance left out, which overstates it);
+  a share within two of them of zero does not count against the fit.
 
 A fifth check measures the raw samples' error itself: ``moment_shift`` is the largest change,
 over the columns, that self-normalised importance weighting makes to a mean (in q's sd) or to an
@@ -33,8 +38,10 @@ of 99 % in one dimension, which no ESS threshold can flag, and a shift of 0.08, 
 function under ``q`` is within ``sqrt(1/ESS - 1)`` = 0.33 of its sd under ``q`` of its mean under
 the target, by Cauchy-Schwarz on the weights; at 0.56 it may be 0.9 sd off, as a 10-D fit cut short was), no more than 0.1 % of
 samples reach a spline's identity tails (a standard normal puts 6e-7 of its mass beyond 5 per
-coordinate), ``q`` misses at most 5 % of the mass, and weighting moves no mean or sd by more
-than 0.05 sd.
+coordinate), ``q`` misses at most 1 % of the mass (a central 95 % interval leaves 2.5 % in each
+tail, so a missing share of that order moves its ends; the seven posteriordb posteriors that
+``nsf`` fits well read -0.04 % to 0.26 % in 60 s fits, and an exact q 0.13 % sd over seeds at
+20,000 draws, 0.5 % at 1000), and weighting moves no mean or sd by more than 0.05 sd.
 
 k̂ is scale-free: it describes the shape of the weights' right tail however little the weights
 vary. A near-exact fit's weights all lie within a fraction of a percent of each other, and the
@@ -69,7 +76,7 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
     "pareto_k": (0.7, 0.7),
     "ess_fraction": (0.9, 0.1),
     "tail_fraction": (1e-3, 1e-2),
-    "missing_mass": (0.05, 0.2),
+    "missing_mass": (0.01, 0.2),
     "outside_support": (0.0, 0.01),
     "moment_shift": (0.05, 0.5),
 }
@@ -87,9 +94,10 @@ _ABOVE = (
     ("tail_fraction", lambda v: f"{v:.2%} of the samples reach a spline layer's identity tails "
      "(outside its [-bound, bound]), where the flow cannot shape the density: raise the spline's "
      "bound or fit with a loc_scale layer on the data side"),
-    ("missing_mass", lambda v: f"q misses about {v:.0%} of the target's mass, which a heavy-tailed "
-     "proposal around a Gaussian approximation of the target finds: q's samples rarely visit it, "
-     "so its ESS and k̂ cannot see it"),
+    ("missing_mass", lambda v: f"q misses about {v:.1%} of the target's mass, which a heavy-tailed "
+     "proposal around a Gaussian approximation of the target finds: q's samples rarely visit it "
+     "(tails lighter than the target's, or a mode q did not find), so its ESS and k̂ cannot see "
+     "it; tail quantities and wide intervals from q are too narrow"),
     ("outside_support", lambda v: f"{v:.2%} of q's samples fall where the target's density is "
      "zero or not a number"),
     ("moment_shift", lambda v: f"importance weighting moves a mean or an sd of q's samples by "
@@ -191,7 +199,8 @@ def verdict(diagnostics: dict[str, Any]) -> tuple[str, list[str]]:
     for key, says in _ABOVE:
         value = diagnostics.get(key)
         check, bad = THRESHOLDS[key]
-        if value is not None and value > check:
+        noise = 2.0 * (diagnostics.get(f"{key}_se") or 0.0)  # within 2 se of zero: not seen
+        if value is not None and value > check and value > noise:
             issues.append((2 if value > bad else 1, says(value)))
     if not issues:
         return "ok", []
@@ -255,7 +264,7 @@ def evaluate_target(flow: Flow, target: Target, n: int = 20_000, seed: int = 0, 
     diagnostics = _weight_diagnostics(log_w, out["ess_fraction"], moments)
     diagnostics["tail_fraction"] = float(torch.cat(tail_parts).double().mean())
     if start is not None:
-        diagnostics["missing_mass"] = _missing_mass(
+        diagnostics["missing_mass"], diagnostics["missing_mass_se"] = _missing_mass(
             flow, target, start, torch.cat(xs), torch.cat(log_qs), torch.cat(log_ps), seed)
     live.train(was_training)
     out["diagnostics"] = _with_verdict(diagnostics)
@@ -319,10 +328,12 @@ def diagnose_draws(x: Tensor, log_q: Tensor, log_p: Tensor) -> dict[str, Any]:
 
 
 def _missing_mass(flow: Flow, target: Target, start: GaussianStart, x_q: Tensor, log_q: Tensor,
-                  log_p: Tensor, seed: int) -> float | None:
-    """``1 - Z_q / Z_mix``: ``Z_q`` from ``q``'s samples alone, ``Z_mix`` from them together with
-    draws from a Student-t around the ``start``, weighted by the balance heuristic (the mixture
-    density)."""
+                  log_p: Tensor, seed: int) -> tuple[float | None, float | None]:
+    """``1 - Z_q / Z_mix`` and its standard error: ``Z_q`` from ``q``'s samples alone, ``Z_mix``
+    from them together with draws from a Student-t around the ``start``, weighted by the balance
+    heuristic (the mixture density). The error is the delta method's on the ratio, with each
+    estimate's variance from its weights and their covariance (positive: they share ``q``'s
+    draws) left out, so it errs large."""
     x_q, log_q, log_p = x_q.cpu(), log_q.cpu(), log_p.cpu()  # the start lives on the CPU
     n_q = x_q.shape[0]
     n_g = max(n_q // 4, 1)
@@ -343,7 +354,16 @@ def _missing_mass(flow: Flow, target: Target, start: GaussianStart, x_q: Tensor,
     for w in (log_w_mix, log_w_q):
         w[torch.isnan(w)] = -math.inf
     if not bool(torch.isfinite(log_w_mix).any()) or not bool(torch.isfinite(log_w_q).any()):
-        return None
+        return None, None
     log_z_mix = torch.logsumexp(log_w_mix, 0) - math.log(log_w_mix.numel())
     log_z_q = torch.logsumexp(log_w_q, 0) - math.log(n_q)
-    return float(1.0 - torch.exp(log_z_q - log_z_mix))
+    ratio = float(torch.exp(log_z_q - log_z_mix))
+
+    def relative_variance(log_w: Tensor, log_z: Tensor) -> float:
+        """Var(Z estimate) / Z^2 from the weights (the variance of w / Z, over their count)."""
+        w = torch.exp(log_w - log_z)
+        return float(w.var()) / w.numel() if w.numel() > 1 else math.inf
+
+    se = ratio * math.sqrt(relative_variance(log_w_q, log_z_q)
+                           + relative_variance(log_w_mix, log_z_mix))
+    return 1.0 - ratio, se if math.isfinite(se) else None

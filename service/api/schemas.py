@@ -184,6 +184,14 @@ class Diagnostics(BaseModel):
     tail_fraction: float | None = Field(
         None, exclude_if=_absent, description="Share of samples where a spline layer is the "
         "identity (outside its bound).", examples=[0.0])
+    missing_mass: float | None = Field(
+        None, exclude_if=_absent,
+        description="Share of the target's mass that q misses and a heavy-tailed proposal "
+        "around the fit's Gaussian start finds (tails lighter than the target's, or a mode q did "
+        "not find); above 0.01, beyond twice missing_mass_se, is not ok.", examples=[0.002])
+    missing_mass_se: float | None = Field(
+        None, exclude_if=_absent, description="Standard error of missing_mass (delta method; it "
+        "errs large).", examples=[0.0015])
     moment_shift: float | None = Field(
         None, exclude_if=_absent,
         description="Largest move importance weighting makes to a mean (in sd) or an sd "

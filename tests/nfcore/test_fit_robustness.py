@@ -131,6 +131,27 @@ def test_verdict_sees_mass_that_q_never_visits():
     assert any("misses about" in reason for reason in diagnostics["reasons"])
 
 
+@pytest.mark.parametrize("share", [0.03, 0.0])
+def test_verdict_sees_a_few_percent_of_missing_mass_and_no_more_than_there_is(share):
+    """A second mode 8 sd away holding 3 % of the mass: reverse KL fits the first exactly, so q's
+    own weights are flat (ESS near 1), and only the heavy-tailed proposal sees the rest. 3 % is
+    enough to move the ends of a 95 % interval, so it counts; with no second mode nothing does."""
+    mix = nfcore.targets.from_expression(
+        2, "logsumexp(log(w) - 0.5*(z[0] - m)**2) - 0.5*z[1]**2",
+        {"w": [1 - share, share] if share else [1.0, 1e-300], "m": [0.0, 8.0]})
+    torch.manual_seed(0)
+    result = nfcore.fit_target(nfcore.build(_spec("nsf", dim=2)), mix, steps=100)
+    diagnostics = result.summary["diagnostics"]
+    assert diagnostics["ess_fraction"] > 0.95  # all looks well from q's own samples
+    missing, se = diagnostics["missing_mass"], diagnostics["missing_mass_se"]
+    seen = any("misses about" in reason for reason in diagnostics["reasons"])
+    if share:
+        assert missing == pytest.approx(share, abs=0.01) and missing > 2 * se
+        assert seen and diagnostics["verdict"] != "ok"
+    else:
+        assert abs(missing) < 0.005 and not seen and diagnostics["verdict"] == "ok"
+
+
 def test_diagnostics_are_in_the_summary_with_every_field():
     torch.manual_seed(0)
     flow = nfcore.build(_spec("maf", dim=2))
@@ -152,7 +173,11 @@ def test_diagnostics_are_in_the_summary_with_every_field():
     ({"ess_fraction": 0.05}, "unreliable", "ESS"),
     ({"tail_fraction": 0.005}, "check", "identity tails"),
     ({"tail_fraction": 0.05}, "unreliable", "identity tails"),
-    ({"missing_mass": 0.1}, "check", "misses about 10%"),
+    ({"missing_mass": 0.1}, "check", "misses about 10.0%"),
+    ({"missing_mass": 0.02}, "check", "misses about 2.0%"),  # a 95 % interval's ends move
+    ({"missing_mass": 0.005}, "ok", None),  # good fits of real posteriors read up to 0.3 %
+    ({"missing_mass": 0.05, "missing_mass_se": 0.03}, "ok", None),  # within 2 se of none
+    ({"missing_mass": 0.05, "missing_mass_se": 0.01}, "check", "misses about 5.0%"),
     ({"missing_mass": 0.5}, "unreliable", "misses"),
     ({"outside_support": 0.001}, "check", "density is zero"),
     ({"moment_shift": 0.08}, "check", "moves a mean or an sd of q's samples by 0.08"),
