@@ -262,8 +262,12 @@ class Standardize(Layer):
         x64 = x.double()  # float64 statistics: a mean of 1e3 with a scale of 1e-3 survives float32
         self.loc.copy_(x64.mean(0))
         if x.shape[0] > 1:
-            floor = torch.finfo(x.dtype).eps * (1.0 + x64.abs().max(0).values)
-            self.scale.copy_(torch.maximum(x64.std(0), 8.0 * floor))
+            # The floor is the dtype's resolution at the column's magnitude, relative: data at a
+            # scale of 1e-12 keep it (an absolute floor of eps squashed them to 1e-6, and a fit of
+            # them ended 600 nats a row short). An all-zero column keeps scale 1.
+            top = x64.abs().max(0).values
+            floor = torch.where(top > 0, 8.0 * torch.finfo(x.dtype).eps * top, 1.0)
+            self.scale.copy_(torch.maximum(x64.std(0), floor))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return (x - self.loc) / self.scale, (-torch.log(self.scale).sum()).expand(x.shape[0])

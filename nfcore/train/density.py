@@ -39,6 +39,23 @@ def _as_tensor(flow: Flow, name: str, value: Any, width: int) -> Tensor:
     return t
 
 
+def _refuse_lost_precision(flow: Flow, data: Any, constant: list[int]) -> None:
+    """Raise if a column that is constant in the flow's dtype was not constant as given: a spread
+    too small for that dtype's resolution at the column's magnitude (1e9 + N(0, 1) in float32,
+    whose steps there are 64), which is no constant to drop."""
+    given = data if isinstance(data, Tensor) else torch.as_tensor(np.asarray(data))
+    given = given.detach().to("cpu", torch.float64).reshape(given.shape[0], -1)
+    for column in constant:
+        low, high = float(given[:, column].min()), float(given[:, column].max())
+        if low != high:
+            dtype = str(flow.dtype).removeprefix("torch.")
+            step = torch.finfo(flow.dtype).eps * max(abs(low), abs(high))
+            raise ShapeError(
+                f"data column {column} varies from {low!r} to {high!r}, but {dtype} resolves only "
+                f"steps of about {step:.3g} at that magnitude, so every value rounds to one: "
+                'build the flow with "dtype": "float64", or subtract the offset first')
+
+
 def _digest(*tensors: Tensor | None) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -169,6 +186,7 @@ def fit_density(
     # or reported a meaningless loss on it, so it is refused up front, by name.
     constant = (x.amax(0) == x.amin(0)).nonzero().flatten().tolist()
     if constant:
+        _refuse_lost_precision(flow, data, constant)
         first = constant[0]
         raise ShapeError(
             f"data column {first} is constant (every row is {float(x[0, first]):g})"

@@ -74,6 +74,40 @@ def test_every_preset_fits_data_of_any_location_scale_and_correlation(preset):
     assert sd_err < 0.05, sd_err
 
 
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+def test_density_fits_are_the_same_at_any_scale_float32_can_hold(scale):
+    """Data times 1e-12 are data in other units: the fit's held-out loss moves by exactly the
+    change of units. (The standardize layer once floored a scale at 1e-6 and ended 600 nats a
+    row short at 1e-12.)"""
+    data = np.random.default_rng(0).multivariate_normal([0.0, 1.0], [[1.0, 0.5], [0.5, 2.0]],
+                                                        size=2000)
+    losses = []
+    for factor in (1.0, scale):
+        torch.manual_seed(0)
+        result = nfcore.fit_density(nfcore.build(_spec("nsf", dim=2)), data * factor, steps=100)
+        losses.append(result.summary["val_loss"])
+    assert losses[1] == pytest.approx(losses[0] + 2 * math.log(scale), abs=0.05)
+
+
+def test_data_or_posteriors_finer_than_float32_resolves_are_refused_by_name():
+    """1e9 + N(0, 1) rounds to a handful of values in float32 (steps of 64 there), and a
+    posterior of sd 1e-9 around 5 to one; neither is a constant, and float64 fits both."""
+    data = np.random.default_rng(0).normal(size=(500, 2)) + 1e9
+    with pytest.raises(nfcore.errors.ShapeError, match="varies from .*float64"):
+        nfcore.fit_density(nfcore.build(_spec("nsf", dim=2)), data, steps=5)
+    result = nfcore.fit_density(nfcore.build(_spec("nsf", dim=2, dtype="float64")), data,
+                                steps=50)
+    assert math.isfinite(result.summary["val_loss"])
+    narrow = gaussian_target(np.array([5.0, 0.0]), np.diag([1e-18, 1.0]))
+    with pytest.raises(nfcore.errors.TargetError, match="coordinate 0 .*float64"):
+        nfcore.fit_target(nfcore.build(_spec("nsf", dim=2)), narrow, steps=5)
+    torch.manual_seed(0)
+    flow = nfcore.build(_spec("nsf", dim=2, dtype="float64"))
+    nfcore.fit_target(flow, narrow, steps=60, ess_samples=2000)
+    x = _draws(flow)
+    assert abs(x[:, 0].mean() - 5.0) < 0.05e-9 and abs(x[:, 0].std() / 1e-9 - 1) < 0.05
+
+
 def test_without_the_data_side_layers_the_same_target_is_out_of_reach():
     """The ablation that shows what the start and loc_scale layer buy: a plain spline flow."""
     torch.manual_seed(0)
