@@ -202,6 +202,11 @@ class Diagnostics(BaseModel):
         description="Density fits: the flow's mean log-likelihood per held-out row minus "
         "that of a Gaussian with the training rows' mean and covariance, in nats; below zero "
         "(beyond gain_se) is not ok.", examples=[0.41])
+    outlying_rows: int | None = Field(
+        None, exclude_if=_absent,
+        description="Density fits: held-out rows beyond where the flow's own samples go "
+        "(0.1 % level over the rows): its tails, or a sparse region, are too thin there; any "
+        "is not ok.", examples=[0])
     latent_ks: float | None = Field(
         None, exclude_if=_absent,
         description="Density fits: the largest Kolmogorov-Smirnov distance of a latent "

@@ -156,3 +156,23 @@ def test_the_benchmark_script_runs_and_says_so_where_it_should():
     assert verdicts["counts"]["discrete_columns"] == [0, 1]
     assert verdicts["60 rows"]["reasons"][0].startswith("only 6 held-out rows")
     assert all(r["verdict"] != "ok" for r in found)
+
+
+def test_rows_beyond_where_the_flows_own_samples_go_are_flagged():
+    # The flow is the training rows' own Gaussian. Held-out rows from the same Gaussian stay
+    # within its reach; Cauchy rows (heavy tails) do not, and the flow scores those far below.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3000, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    flow = nfcore.build({"preset": "maf", "dim": 2, "transforms": 1, "hidden": [8],
+                         "dtype": "float64"})
+    _ = [layer.reset_identity() for layer in flow.layers]
+    flow.initialize(x[:2000])
+    same = evaluate_density(flow, x[:2000], x[2000:])
+    assert same["outlying_rows"] == 0 and same["verdict"] == "ok", same
+    cauchy = torch.distributions.Cauchy(0.0, 1.0).sample((1000, 2)).double()
+    heavy = evaluate_density(flow, x[:2000], cauchy)
+    # A standard Cauchy exceeds 5.8 (the radius) in a coordinate 11 % of the time.
+    assert heavy["outlying_rows"] > 100 and heavy["verdict"] == "unreliable", heavy
+    assert heavy["outlying_log_lik"] < -20
+    assert any("beyond where the flow's own samples go" in r for r in heavy["reasons"])
