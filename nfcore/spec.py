@@ -101,6 +101,7 @@ LAYER_TYPES: dict[str, dict[str, tuple[Any, Callable]]] = {
     "permute": {"kind": ("reverse", _choice("reverse", "random")),
                 "seed": (0, _int(0, 2**31 - 1))},
     "standardize": {},
+    "asinh": {},
     "residual": {"hidden": ([64, 64], _hidden), "lipschitz": (0.97, _open_unit),
                  "exact_dim": (16, _int(0, LIMITS["dim"]))},
     # rank and reflections default to dim (filled in by _layer).
@@ -144,7 +145,7 @@ PRESETS: dict[str, tuple[str, bool, bool, int]] = {
 }
 _PRESET_KEYS = {"preset": None, "dim": None, "context_dim": None, "dtype": None, "base": None,
                 "transforms": None, "standardize": None, "loc_scale": None, "mixing": None,
-                "embedding": None}
+                "asinh": None, "embedding": None}
 
 #: Above this dimension a preset's ``loc_scale`` layer is diagonal (its triangular factor would
 #: cost O(dim^2) per row and parameters).
@@ -214,6 +215,8 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     transforms = _int(1, LIMITS["transforms"])("transforms",
                                                raw.get("transforms", default_transforms))
     standardize = _bool("standardize", raw.get("standardize", True))
+    # Heavy tails: an asinh layer in front, off by default (see nfcore.layers.Asinh).
+    asinh = _bool("asinh", raw.get("asinh", False))
     loc_scale = _bool("loc_scale", raw.get("loc_scale", True))
     mixing = _choice(*MIXINGS)("mixing", raw.get("mixing", "reverse"))
     if not permute and "mixing" in raw:
@@ -222,7 +225,9 @@ def _expand_preset(raw: Mapping) -> list[dict]:
     # In two dimensions a random order is the identity half the time, and two autoregressive
     # layers in a row would then see the features in the same order: take the reverse there.
     lu = {"type": "lu_linear", "permutation": "reverse" if raw["dim"] == 2 else "random"}
-    layers: list[dict] = [{"type": "standardize"}] if standardize else []
+    layers: list[dict] = [{"type": "asinh"}] if asinh else []
+    if standardize:
+        layers.append({"type": "standardize"})
     if loc_scale:
         layers.append({"type": "loc_scale",
                        "triangular": raw["dim"] <= LOC_SCALE_TRIANGULAR_MAX_DIM})

@@ -9,12 +9,13 @@ from .linear import ActNorm, LocScale, LULinear, Permute, Standardize
 from .planar import PLANAR_TOLERANCE, Planar, Radial
 from .residual import RESIDUAL_TOLERANCE, Residual
 from .sylvester import SYLVESTER_TOLERANCE, Sylvester
+from .tails import Asinh
 
 __all__ = [
     "Layer", "MLP", "MADE", "Affine", "RationalQuadratic", "Coupling", "AffineCoupling",
     "NSFCoupling", "Autoregressive", "MAF", "IAF", "NSFAutoregressive", "Planar", "Radial",
     "PLANAR_TOLERANCE", "LULinear", "ActNorm", "LocScale", "Permute", "Standardize", "Residual",
-    "RESIDUAL_TOLERANCE", "Sylvester", "SYLVESTER_TOLERANCE", "CNF", "ODE_METHODS",
+    "RESIDUAL_TOLERANCE", "Sylvester", "SYLVESTER_TOLERANCE", "CNF", "ODE_METHODS", "Asinh",
     "LAYER_CLASSES",
 ]
 
@@ -32,6 +33,7 @@ LAYER_CLASSES: dict[str, type[Layer]] = {
     "loc_scale": LocScale,
     "permute": Permute,
     "standardize": Standardize,
+    "asinh": Asinh,
     "residual": Residual,
     "sylvester": Sylvester,
     "cnf": CNF,

@@ -242,8 +242,9 @@ def evaluate_density(flow: Flow, x_train: Tensor, x_val: Tensor, c_train: Tensor
                               f"rest (as low as {lowest:.4g} nats, against a median of "
                               f"{float(log_lik.median()):.4g}): there (the data's tails, or a "
                               "sparse region) the flow's density is far too low and its samples "
-                              "too few; transform heavy-tailed columns (a log or an asinh) before "
-                              "fitting, or train longer or use a more flexible flow"))
+                              "too few; for heavy tails, build the flow with \"asinh\": true (a "
+                              "preset option: an asinh layer in front), else train longer or use "
+                              "a more flexible flow"))
     ks = _ks_normal(z)
     worst = int(ks.argmax())
     out["latent_ks"] = float(ks[worst])

@@ -89,6 +89,28 @@ def test_density_fits_are_the_same_at_any_scale_float32_can_hold(scale):
     assert losses[1] == pytest.approx(losses[0] + 2 * math.log(scale), abs=0.05)
 
 
+def test_an_asinh_layer_in_front_lets_a_flow_follow_heavy_tails():
+    """A Gaussian base keeps a flow's tails Gaussian: on Cauchy data a plain fit scores fresh
+    rows far below the truth (a row at 1e3 costs it about 1e6 nats). With "asinh": true the same
+    preset comes within 0.1 nats a row of the true log-density, and its diagnostics see nothing
+    beyond its reach; the plain fit's say so and suggest the asinh layer."""
+    cauchy = torch.distributions.Cauchy(0.0, 1.0)
+    torch.manual_seed(3)
+    data, fresh = cauchy.sample((3000, 2)).double(), cauchy.sample((20_000, 2)).double()
+    truth = float(cauchy.log_prob(fresh).sum(-1).mean())
+    scores, reasons = {}, {}
+    for asinh in (False, True):
+        torch.manual_seed(0)
+        flow = nfcore.build(_spec("nsf", dim=2, asinh=asinh))
+        result = nfcore.fit_density(flow, data, steps=400)
+        with torch.no_grad():
+            scores[asinh] = float(flow.log_prob(fresh.float()).double().mean())
+        reasons[asinh] = result.summary["diagnostics"]["reasons"]
+    assert abs(scores[True] - truth) < 0.1, (scores, truth)
+    assert scores[False] < truth - 1.0, (scores, truth)
+    assert any('"asinh": true' in reason for reason in reasons[False]), reasons[False]
+
+
 def test_data_or_posteriors_finer_than_float32_resolves_are_refused_by_name():
     """1e9 + N(0, 1) rounds to a handful of values in float32 (steps of 64 there), and a
     posterior of sd 1e-9 around 5 to one; neither is a constant, and float64 fits both."""
