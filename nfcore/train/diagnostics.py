@@ -97,7 +97,8 @@ _ABOVE = (
     ("missing_mass", lambda v: f"q misses about {v:.1%} of the target's mass, which a heavy-tailed "
      "proposal around a Gaussian approximation of the target finds: q's samples rarely visit it "
      "(tails lighter than the target's, or a mode q did not find), so its ESS and k̂ cannot see "
-     "it; tail quantities and wide intervals from q are too narrow"),
+     "it; tail quantities and wide intervals from q are too narrow. For heavy tails (a Student-t "
+     "or Cauchy term, a scale parameter), fit a preset with \"asinh\": true"),
     ("outside_support", lambda v: f"{v:.2%} of q's samples fall where the target's density is "
      "zero or not a number"),
     ("moment_shift", lambda v: f"importance weighting moves a mean or an sd of q's samples by "
