@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .base import Layer
 
-__all__ = ["LULinear", "ActNorm", "LocScale", "Permute", "Standardize"]
+__all__ = ["LULinear", "ActNorm", "LocScale", "Permute", "Standardize", "scale_floor"]
 
 
 #: Rows per triangular solve on an accelerator. On an H200 (torch 2.11, CUDA 13), one solve of a
@@ -25,6 +25,15 @@ def solve_rows(factor: Tensor, rows: Tensor, **kw) -> Tensor:
         return torch.linalg.solve_triangular(factor, rows.T, **kw).T
     return torch.cat([torch.linalg.solve_triangular(factor, part.T, **kw).T
                       for part in rows.split(SOLVE_BLOCK_ROWS)])
+
+
+def scale_floor(x64: Tensor, dtype: torch.dtype) -> Tensor:
+    """The smallest scale a data-side layer fitted to the columns of ``x64`` may take: ``dtype``'s
+    resolution at each column's magnitude, relative, so that data at a scale of 1e-12 keep it (an
+    absolute floor of eps squashed them to 1e-6, and a fit of them ended 600 nats a row short).
+    An all-zero column gets 1."""
+    top = x64.abs().max(0).values
+    return torch.where(top > 0, 8.0 * torch.finfo(dtype).eps * top, 1.0)
 
 
 class LULinear(Layer):
@@ -262,12 +271,7 @@ class Standardize(Layer):
         x64 = x.double()  # float64 statistics: a mean of 1e3 with a scale of 1e-3 survives float32
         self.loc.copy_(x64.mean(0))
         if x.shape[0] > 1:
-            # The floor is the dtype's resolution at the column's magnitude, relative: data at a
-            # scale of 1e-12 keep it (an absolute floor of eps squashed them to 1e-6, and a fit of
-            # them ended 600 nats a row short). An all-zero column keeps scale 1.
-            top = x64.abs().max(0).values
-            floor = torch.where(top > 0, 8.0 * torch.finfo(x.dtype).eps * top, 1.0)
-            self.scale.copy_(torch.maximum(x64.std(0), floor))
+            self.scale.copy_(torch.maximum(x64.std(0), scale_floor(x64, x.dtype)))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return (x - self.loc) / self.scale, (-torch.log(self.scale).sum()).expand(x.shape[0])

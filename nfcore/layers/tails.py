@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import Layer
+from .linear import scale_floor
 
 __all__ = ["Asinh"]
 
@@ -55,12 +56,10 @@ class Asinh(Layer):
                                              device=x.device), dim=0)
         spread = (q[2] - q[0]) / 1.349
         # A column with most of its rows on one value has no interquartile range: its sd then,
-        # and for a constant column the dtype's resolution at its magnitude (as Standardize).
-        top = x64.abs().max(0).values
-        floor = torch.where(top > 0, 8.0 * torch.finfo(x.dtype).eps * top, 1.0)
+        # and for a constant column the floor Standardize takes.
         spread = torch.where(spread > 0, spread, x64.std(0))
         self.loc.copy_(q[1])
-        self.scale.copy_(torch.maximum(spread, floor))
+        self.scale.copy_(torch.maximum(spread, scale_floor(x64, x.dtype)))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         u = (x - self.loc) / self.scale

@@ -128,20 +128,6 @@ def _ks_normal(z: Tensor) -> Tensor:
     return torch.maximum(i / n - cdf, cdf - (i - 1) / n).amax(0)
 
 
-def _radius(dim: int, p: float) -> float:
-    """The latent radius that a standard normal in ``dim`` dimensions passes with probability ``p``
-    (bisection on the chi-square upper tail)."""
-    a = torch.tensor(dim / 2, dtype=torch.float64)
-    low, high = 0.0, 2.0 * dim + 200.0
-    for _ in range(100):
-        mid = 0.5 * (low + high)
-        if float(torch.special.gammaincc(a, torch.tensor(mid / 2, dtype=torch.float64))) > p:
-            low = mid
-        else:
-            high = mid
-    return math.sqrt(high)
-
-
 def _discrete_columns(x: Tensor) -> list[dict[str, int]]:
     found = []
     for j in range(x.shape[1]):
@@ -224,20 +210,23 @@ def evaluate_density(flow: Flow, x_train: Tensor, x_val: Tensor, c_train: Tensor
                               f"row on training rows and by {gain:.3g} on held-out rows; much of "
                               "what it learnt is about the rows it saw: more data, a smaller flow, "
                               "weight decay, or earlier stopping"))
-    # chi-square upper tail of each row's latent radius, dim degrees of freedom
-    tail = torch.special.gammaincc(torch.tensor(z.shape[1] / 2, dtype=torch.float64),
-                                   0.5 * z.square().sum(-1))
-    far = (tail < OUTLIER_LEVEL / z.shape[0]) | ~torch.isfinite(z).all(-1)
+    # chi-square upper tail of each row's squared latent radius, dim degrees of freedom
+    radius2 = z.square().sum(-1)
+    alpha = OUTLIER_LEVEL / z.shape[0]  # per row
+    tail = torch.special.gammaincc(torch.tensor(z.shape[1] / 2, dtype=torch.float64), radius2 / 2)
+    far = (tail < alpha) | ~torch.isfinite(radius2)
     out["outlying_rows"] = int(far.sum())
     if bool(far.any()):
+        from scipy.stats import chi2  # only to word the reason
+
         lowest = float(log_lik[far].min())
         out["outlying_log_lik"] = lowest
         level = 2 if int(far.sum()) >= max(OUTLIER_SHARE * z.shape[0], 5) else 1
         issues.append((level, f"{int(far.sum())} of {z.shape[0]} "
                               f"{'held-out' if held_out else 'training'} rows lie beyond where the "
                               f"flow's own samples go (latent radius up to "
-                              f"{float(z.square().sum(-1).sqrt().max()):.3g}; its samples pass "
-                              f"{_radius(z.shape[1], OUTLIER_LEVEL / z.shape[0]):.3g} with "
+                              f"{math.sqrt(float(radius2.max())):.3g}; its samples pass "
+                              f"{math.sqrt(chi2.isf(alpha, z.shape[1])):.3g} with "
                               f"probability {OUTLIER_LEVEL:g}), and it scores them far below the "
                               f"rest (as low as {lowest:.4g} nats, against a median of "
                               f"{float(log_lik.median()):.4g}): there (the data's tails, or a "
