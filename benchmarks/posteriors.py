@@ -120,7 +120,7 @@ def sample(draw, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_nfcore(model: ModelTarget, reference: dict, args) -> dict:
     torch.manual_seed(args.seed)
-    flow = nfcore.build({"preset": args.preset, "dim": model.dim})
+    flow = nfcore.build({"preset": args.preset, "dim": model.dim, **args.options})
     start = time.perf_counter()
     result = nfcore.fit_target(flow, model, max_seconds=args.seconds, batch_size=BATCH,
                                seed=args.seed)
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=120.0, help="time budget of each fit")
     parser.add_argument("--posteriors", default="", help="comma-separated names (default: all)")
     parser.add_argument("--preset", default="nsf")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='preset options as JSON, e.g. \'{"asinh": true}\'')
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--draws", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
@@ -238,8 +240,9 @@ def main(argv: list[str] | None = None) -> None:
                "worst sd ratio", "after IS: mean err", "after IS: sd ratio", "IS ESS frac", "k̂",
                "verdict", "goal (raw)"]
     body = (f"Budget: {args.seconds:g} s per fit, {args.threads} thread(s), batch {BATCH}, "
-            f"{args.draws} draws per fit; nfcore preset `{args.preset}` with its defaults. "
-            "Errors are in reference posterior sd over every reference column (worst column in "
+            f"{args.draws} draws per fit; nfcore preset `{args.preset}` with "
+            + (f"the options {json.dumps(args.options)}. " if args.options else "its defaults. ")
+            + "Errors are in reference posterior sd over every reference column (worst column in "
             "brackets); 'after IS' is a sampling-importance-resample with the self-normalised "
             "weights target_log_prob - log_prob. Goal: every |mean err| <= 0.1 and every sd "
             "ratio in [0.9, 1.1] on the raw samples, and a verdict other than ok wherever "

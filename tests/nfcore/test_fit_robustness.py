@@ -274,6 +274,30 @@ def test_moment_shift_measures_how_far_raw_samples_are_off(loc, scale, mean_off,
         assert any("moves a mean or an sd" in reason for reason in diagnostics["reasons"])
 
 
+@pytest.mark.parametrize(("z_sd", "flagged"), [(1.0, False), (0.97, True)])
+def test_moment_shift_reads_the_columns_a_user_reads(z_sd, flagged):
+    """A scale parameter ``sigma ~ lognormal(0, 1)`` is fitted in ``z = log sigma``, where the
+    target is N(0, 1). q = N(0, z_sd^2): 3 % short in z, inside the 0.05 a shift may have there,
+    is 7-8 % short in sigma's sd (sigma's right tail makes its sd), where the user reads it."""
+    model = nfcore.targets.ModelTarget({"params": {"sigma": {"lower": 0}},
+                                        "log_prob": ["lognormal_lpdf(sigma, 0, 1)"]})
+    flow = nfcore.build({"dim": 1, "layers": [{"type": "actnorm"}]}).double()
+    with torch.no_grad():
+        flow.layers[0].log_scale.fill_(math.log(z_sd))
+    diagnostics = nfcore.train.evaluate_target(flow, model, 20_000)["diagnostics"]
+    z = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert nfcore.train.diagnostics.reported_columns(model, z).shape == (20_000, 2)
+    if flagged:
+        assert diagnostics["moment_shift"] > 0.06, diagnostics
+        assert diagnostics["verdict"] == "check", diagnostics
+        assert any("moves a mean or an sd" in reason for reason in diagnostics["reasons"])
+    else:
+        assert diagnostics["moment_shift"] < 0.01, diagnostics
+        assert diagnostics["verdict"] == "ok", diagnostics
+    plain = gaussian_target(np.zeros(2), np.eye(2))  # no constrained space: z alone
+    assert nfcore.train.diagnostics.reported_columns(plain, z.expand(-1, 2)).shape == (20_000, 2)
+
+
 @pytest.mark.parametrize("alpha", [1.0, 2.0, 5.0])
 def test_psis_k_hat_estimates_the_tail_index_of_pareto_weights(alpha):
     """Weights from a Pareto distribution with tail index alpha have k = 1 / alpha (Vehtari et al.
