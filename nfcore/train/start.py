@@ -9,7 +9,9 @@ Hessian (made positive definite: negative curvature flipped, tiny curvature floo
 with the same draws, and returns the best, next to ``N(0, I)``, the flow's own starting point: the highest lower confidence bound on
 the importance-sampling estimate of ``log Z`` (see ``pathfinder``). Choosing by a
 score rather than taking the mode keeps a funnel or a ring from drawing the start to a degenerate
-point.
+point. The leader is then refined by Gaussian variational inference (a few hundred Adam steps on
+the ELBO, ``_refine``) and the result competes as one more candidate: where the mode is not where
+the mass is (a hierarchical model), no Laplace candidate is near the posterior, and that step is.
 ``gaussian_samples`` then turns the winner into pseudo-data with exactly its mean and covariance,
 for ``Flow.initialize`` to set the data-side layers from (``standardize``, ``loc_scale``).
 """
@@ -165,6 +167,80 @@ def _laplace(log_p: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tens
     return mean, factor, float(-0.5 * lam.log().sum())
 
 
+#: Below this estimate of KL(leader || target), in nats, the leader is not refined.
+EXACT_KL = 1e-3
+#: Above this dimension the refinement's scale matrix is diagonal (a full one costs O(dim^2)).
+REFINE_FULL_RANK_MAX_DIM = 64
+
+
+def _refine(log_p: Callable[[Tensor], Tensor], mean: Tensor, factor: Tensor, logdet: float,
+            g: torch.Generator, deadline: float, steps: int = 300, draws: int = 64,
+            lr: float = 0.05) -> tuple[Tensor, Tensor, float] | None:
+    """Gaussian variational inference (ADVI: the reparametrised ELBO, by Adam) from ``N(mean,
+    factor @ factor.T)``, in that Gaussian's whitened coordinates: ``x = mean + factor (a + B
+    eps)`` with ``a`` from 0 and ``B`` lower-triangular from ``I`` (diagonal above
+    ``REFINE_FULL_RANK_MAX_DIM``), so that its steps are in units of the start's sd whatever the
+    target's scale. Returns ``(mean, factor, log|det factor|)``, or ``None`` when no step was
+    finite.
+
+    Pathfinder's candidates are Laplace approximations along the path to the mode, and on a
+    hierarchical model the mode is not where the mass is: on eight schools (non-centred) it sits at
+    a group scale of 29 where the posterior's median is 2.7, every candidate's ELBO is 25 nats
+    below ``N(0, I)``'s, and ``N(0, I)`` wins while the mean ``mu`` is 4.4 ± 3.3. A flow starting
+    there must carry ``mu`` 4 of its own sds at the training learning rate, and with splines whose
+    interval is ``[-5, 5]`` of the start it did not (0.3 sd off after 60 s, with every diagnostic
+    fine). This step finds the Gaussian the flow's own objective prefers."""
+    dim = mean.shape[0]
+    full = dim <= REFINE_FULL_RANK_MAX_DIM
+    shift = torch.zeros(dim, dtype=torch.float64, requires_grad=True)
+    log_diag = torch.zeros(dim, dtype=torch.float64, requires_grad=True)
+    lower = torch.zeros(dim, dim, dtype=torch.float64, requires_grad=full)
+    params = [shift, log_diag] + ([lower] if full else [])
+    opt = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+    def scale() -> Tensor:
+        return torch.diag(log_diag.exp()) + (torch.tril(lower, -1) if full else 0.0)
+
+    moved = False
+    for _ in range(steps):
+        if time.monotonic() > deadline:
+            break
+        eps = torch.randn(draws, dim, generator=g, dtype=torch.float64)
+        x = mean + (shift + eps @ scale().T) @ factor.T
+        loss = -(log_p(x).mean() + log_diag.sum())
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            if all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                torch.nn.utils.clip_grad_norm_(params, 10.0 * math.sqrt(dim))
+                opt.step()
+                moved = True
+        schedule.step()
+    if not moved:
+        return None
+    with torch.no_grad():
+        return (mean + factor @ shift, factor @ scale(), logdet + float(log_diag.sum()))
+
+
+def _eligible(candidates: list, dim: int) -> list:
+    """The candidates whose ELBO is within ``elbo_margin(dim)`` of the best (all when none is):
+    only they compete on the bound. A Gaussian far wider than the target (a Newton step from an
+    early iterate, where the curvature is nearly flat) can estimate log Z well from a few lucky
+    draws while most of its draws sit where the target is astronomically small (on eight schools:
+    an ELBO of -5e14)."""
+    top_elbo = max(value[2] for value, *_ in candidates)
+    return [c for c in candidates if c[0][2] >= top_elbo - elbo_margin(dim)] or candidates
+
+
+#: The candidate index of the refined Gaussian (iterates are 0, 1, ...; ``N(0, I)`` is -1).
+_REFINED = -2
+
+
+def _describe(index: int, n: int) -> str:
+    return "N(0, I)" if index == -1 else f"iterate {index} of {n - 1}"
+
+
 def elbo_margin(dim: int) -> float:
     """How far (nats) below the best ELBO a start candidate may be and still compete on its bound
     on log Z: ``10 + 2 dim``. A wider, covering Gaussian than the best-ELBO one costs some nats of
@@ -192,6 +268,10 @@ def pathfinder(
     Pathfinder's choice, the highest ELBO, prefers approximations that avoid the target's
     low-density regions; on a hierarchical model (eight schools) it let every Laplace approximation
     lose to ``N(0, I)``, which left one parameter's mass out of reach.
+
+    The leader among the eligible candidates is then refined by Gaussian variational inference
+    (``_refine``: up to 300 Adam steps on the reparametrised ELBO, within ``max_seconds``), and the
+    refined Gaussian competes on the same score; ``info["chosen"]`` says which won.
 
     Arguments:
         target: the unnormalized log density.
@@ -258,23 +338,32 @@ def pathfinder(
             continue
         mean, factor, logdet = laplace
         candidates.append((score(mean, factor, logdet), mean, factor, i))
-    # Only candidates whose ELBO is within ELBO_MARGIN(dim) nats of the best compete on the bound:
-    # a Gaussian far wider than the target (a Newton step from an early iterate, where the
-    # curvature is nearly flat) can estimate log Z well from a few lucky draws while most of its
-    # draws sit where the target is astronomically small (on eight schools: an ELBO of -5e14).
-    top_elbo = max(value[2] for value, *_ in candidates)
-    eligible = [c for c in candidates if c[0][2] >= top_elbo - elbo_margin(dim)] or candidates
-    best, best_mean, best_factor, chosen = max(eligible, key=lambda c: c[0][0])
+    # Refine the best so far by Gaussian VI (see ``_refine``), a candidate like the others.
+    leader = max(_eligible(candidates, dim), key=lambda c: c[0][0])
+    (_, lead_log_z, lead_elbo), *_ = leader
+    # log Z - ELBO estimates KL(leader || target): near zero, the leader is the target already
+    # (a Gaussian posterior's Laplace approximation) and there is nothing to refine.
+    if (math.isfinite(leader[0][0]) and lead_log_z - lead_elbo > EXACT_KL
+            and time.monotonic() < deadline):
+        _, lead_mean, lead_factor, lead_index = leader
+        logdet = 0.0 if lead_index < 0 else float(torch.linalg.slogdet(lead_factor)[1])
+        refined = _refine(log_p, lead_mean, lead_factor, logdet, g, deadline)
+        if refined is not None:
+            mean, factor, logdet = refined
+            candidates.append((score(mean, factor, logdet), mean, factor, _REFINED))
+    best, best_mean, best_factor, chosen = max(_eligible(candidates, dim), key=lambda c: c[0][0])
     finite_values = [v for v in values if math.isfinite(v)]
     info = {"method": "pathfinder", "iterations": n - 1, "candidates": tried,
-            "chosen": "N(0, I)" if chosen < 0 else f"iterate {chosen} of {n - 1}",
+            "chosen": ("N(0, I)" if chosen == -1 else
+                       f"Gaussian VI from {_describe(leader[3], n)}" if chosen == _REFINED else
+                       _describe(chosen, n)),
             "log_z": best[1] if math.isfinite(best[1]) else None,
             "log_z_bound": best[0] if math.isfinite(best[0]) else None,
             "elbo": best[2] if math.isfinite(best[2]) else None,
             "seconds": round(time.monotonic() - began, 3)}
     return GaussianStart(mean=best_mean, factor=best_factor, elbo=best[2],
                          mode_log_prob=max(finite_values) if finite_values else None,
-                         info={**info, "identity": chosen < 0})
+                         info={**info, "identity": chosen == -1})
 
 
 def gaussian_samples(start: GaussianStart, n: int, seed: int = 0) -> Tensor:

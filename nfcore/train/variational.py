@@ -98,8 +98,9 @@ def fit_target(
     """Fit ``flow`` to ``target`` by minimizing the reverse KL, ``E_q[log q - log p~]``, in place.
 
     **Start.** With ``start="pathfinder"`` (the default), the fit first finds a Gaussian
-    approximation of the target (the best by ELBO along an L-BFGS path, with the exact Hessian's
-    curvature, see ``nfcore.train.start``) and sets the flow's data-side layers from it
+    approximation of the target (Laplace approximations along an L-BFGS path, with the exact
+    Hessian's curvature, and the leader refined by Gaussian variational inference, see
+    ``nfcore.train.start``) and sets the flow's data-side layers from it
     (``standardize`` to its location and scales, ``loc_scale`` to its correlations; every preset
     has both) and resets the coupling and autoregressive layers to the identity, so that the fit
     starts as that Gaussian and targets of any location, scale or correlation land where the flow's layers
