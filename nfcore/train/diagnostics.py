@@ -13,8 +13,9 @@ mass that ``q`` never visits. So four checks stand side by side:
   ``[-bound, bound]`` where the spline is the identity: there the flow cannot shape the density,
   so mass out there is mass the fit could not model.
 - ``missing_mass``: the share of the target's mass that ``q`` misses but a second, independent,
-  heavy-tailed proposal finds: a multivariate Cauchy with the location and scale of the fit's
-  Gaussian start (Pathfinder, see ``nfcore.train.start``). It and ``q`` are combined as a defensive
+  heavy-tailed proposal finds: around the fit's Gaussian start (see ``nfcore.train.start``), with
+  its location and scale, an equal mixture of a multivariate Cauchy and an axis-wise one (one
+  whitened coordinate Cauchy, the others normal; ``defensive_sample``). It and ``q`` are combined as a defensive
   mixture (Hesterberg 1995; balance-heuristic multiple importance sampling), whose estimate of the
   normalizing constant ``Z`` stays unbiased wherever either proposal reaches, and whose weights
   are at most a constant times ``q``'s; ``1 - Z_q / Z_mixture`` is what ``q`` alone misses. On the
@@ -70,7 +71,7 @@ from .loop import generator
 from .start import GaussianStart
 
 __all__ = ["THRESHOLDS", "FLAT_WEIGHTS", "psis", "importance_diagnostics", "sample_with_tails",
-           "reported_columns", "verdict",
+           "reported_columns", "defensive_sample", "defensive_log_prob", "verdict",
            "evaluate_target", "as_float64", "diagnose_draws", "MIN_DIAGNOSED_DRAWS"]
 
 #: (check above, unreliable above) for each diagnostic; ESS fraction: (check below, unreliable below).
@@ -342,6 +343,38 @@ def diagnose_draws(x: Tensor, log_q: Tensor, log_p: Tensor) -> dict[str, Any]:
     return _with_verdict(_weight_diagnostics(log_w, ess, moments))
 
 
+def defensive_sample(start: GaussianStart, n: int, gen: torch.Generator) -> Tensor:
+    """``n`` draws (float64) of the proposal behind ``missing_mass``: an equal mixture, around the
+    Gaussian ``start`` and in its whitened coordinates ``u``, of a multivariate Cauchy (far in
+    every direction at once) and an axis-wise one (one coordinate of ``u``, chosen at random,
+    Cauchy, the others standard normal). The first reaches mass far along any direction; the
+    second mass far along one coordinate while the others stay typical, which the first, whose
+    far draws are far in all of them, almost never proposes beyond a few dimensions (on the
+    non-centred eight schools, 10-D, a fit missing the upper half of ``mu``'s range read 0.2 %
+    missing with it alone)."""
+    dim = start.mean.shape[0]
+    half = n // 2
+    radial = start.sample(half, gen, df=DEFENSIVE_DF)
+    u = torch.randn(n - half, dim, generator=gen, dtype=torch.float64)
+    axis = torch.randint(dim, (n - half,), generator=gen)
+    cauchy = torch.tan(math.pi * (torch.rand(n - half, generator=gen, dtype=torch.float64) - 0.5))
+    u[torch.arange(n - half), axis] = cauchy
+    return torch.cat([radial, start.mean + u @ start.factor.T])
+
+
+def defensive_log_prob(start: GaussianStart, x: Tensor) -> Tensor:
+    """The log density of ``defensive_sample``'s mixture at ``x`` (float64)."""
+    dim = x.shape[-1]
+    factor = start.factor.to(x.device)
+    u = torch.linalg.solve(factor, (x.double() - start.mean.to(x.device)).T).T
+    log_normal = -0.5 * u.square() - 0.5 * math.log(2.0 * math.pi)
+    log_cauchy = -math.log(math.pi) - torch.log1p(u.square())
+    log_axis = (log_normal.sum(-1) + torch.logsumexp(log_cauchy - log_normal, -1)
+                - math.log(dim) - torch.linalg.slogdet(factor)[1])
+    log_radial = start.log_prob(x.double(), df=DEFENSIVE_DF)
+    return torch.logaddexp(log_radial, log_axis) - math.log(2.0)
+
+
 def _missing_mass(flow: Flow, target: Target, start: GaussianStart, x_q: Tensor, log_q: Tensor,
                   log_p: Tensor, seed: int) -> tuple[float | None, float | None]:
     """``1 - Z_q / Z_mix`` and its standard error: ``Z_q`` from ``q``'s samples alone, ``Z_mix``
@@ -352,12 +385,12 @@ def _missing_mass(flow: Flow, target: Target, start: GaussianStart, x_q: Tensor,
     x_q, log_q, log_p = x_q.cpu(), log_q.cpu(), log_p.cpu()  # the start lives on the CPU
     n_q = x_q.shape[0]
     n_g = max(n_q // 4, 1)
-    x_g = start.sample(n_g, generator(seed, 4), df=DEFENSIVE_DF)
+    x_g = defensive_sample(start, n_g, generator(seed, 4))
     log_p_g = target.log_prob(x_g.to(flow.dtype)).double()
     log_q_g = torch.cat([flow.log_prob(x_g[i : i + _EVAL_CHUNK].to(flow.dtype)).cpu()
                          for i in range(0, n_g, _EVAL_CHUNK)]).double()
-    log_g_q = start.log_prob(x_q.double(), df=DEFENSIVE_DF)
-    log_g_g = start.log_prob(x_g, df=DEFENSIVE_DF)
+    log_g_q = defensive_log_prob(start, x_q.double())
+    log_g_g = defensive_log_prob(start, x_g)
     total = math.log(n_q + n_g)
 
     def mixture(lq: Tensor, lg: Tensor) -> Tensor:
