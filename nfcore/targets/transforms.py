@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..errors import TargetError
 
-__all__ = ["Param", "column_names", "lower_bound", "upper_bound", "interval", "ordered", "simplex",
+__all__ = ["Param", "column_names", "inside", "lower_bound", "upper_bound", "interval", "ordered",
+           "simplex",
            "PARAM_KEYS", "CONSTRAINTS", "MAX_AXIS", "SIMPLEX_TOLERANCE"]
 
 PARAM_KEYS = ("shape", "lower", "upper", "constraint")
@@ -43,20 +44,35 @@ SIMPLEX_TOLERANCE = 1e-6
 
 
 # --------------------------------------------------------------------------- the transforms
+def inside(x: Tensor, lower: float | None = None, upper: float | None = None) -> Tensor:
+    """``x`` with the values that rounded onto a bound moved to the nearest representable number
+    inside it. ``exp(u)`` underflows to 0 below ``u = -745`` in float64, and ``sigmoid(u)`` rounds
+    to 1 above ``u = 37``: without this, ``x`` would sit on the bound, where a density such as
+    ``beta_lpdf(x, 0.5, 0.5)`` or ``gamma_lpdf(x, 0.5, 1)`` is ``+inf`` although in ``u`` it is
+    tiny, and one such draw in a thousand made the fit's diagnostics read all of the mass as
+    missed. Inside, the density there stays finite and as small as it should be, within a few
+    nats."""
+    if lower is not None:
+        x = torch.maximum(x, torch.nextafter(x.new_tensor(lower), x.new_tensor(math.inf)))
+    if upper is not None:
+        x = torch.minimum(x, torch.nextafter(x.new_tensor(upper), x.new_tensor(-math.inf)))
+    return x
+
+
 def lower_bound(u: Tensor, lower: float) -> tuple[Tensor, Tensor]:
     """``x = lower + exp(u)`` and its element-wise log-Jacobian ``u``."""
-    return lower + torch.exp(u), u
+    return inside(lower + torch.exp(u), lower=lower), u
 
 
 def upper_bound(u: Tensor, upper: float) -> tuple[Tensor, Tensor]:
     """``x = upper - exp(u)`` and its element-wise log-Jacobian ``u``."""
-    return upper - torch.exp(u), u
+    return inside(upper - torch.exp(u), upper=upper), u
 
 
 def interval(u: Tensor, lower: float, upper: float) -> tuple[Tensor, Tensor]:
     """``x = lower + (upper - lower) sigmoid(u)`` and its element-wise log-Jacobian."""
     width = upper - lower
-    return (lower + width * torch.sigmoid(u),
+    return (inside(lower + width * torch.sigmoid(u), lower, upper),
             math.log(width) - F.softplus(-u) - F.softplus(u))
 
 
@@ -82,6 +98,7 @@ def simplex(u: Tensor) -> tuple[Tensor, Tensor]:
     # log of the stick left before each break: exclusive cumulative sum of log(1 - z)
     log_left = torch.cumsum(torch.cat([torch.zeros_like(a[..., :1]), log_1mz], -1), -1)
     x = torch.cat([torch.exp(log_left[..., :-1] + log_z), torch.exp(log_left[..., -1:])], -1)
+    x = inside(x, lower=0.0)  # an entry that underflowed to 0 (see ``inside``)
     ladj = (log_z + log_1mz + log_left[..., :-1]).sum(-1)
     return x, ladj
 

@@ -139,6 +139,25 @@ MODEL = {
 }
 
 
+@pytest.mark.parametrize(("params", "log_prob", "z"), [
+    ({"p": {"lower": 0, "upper": 1}}, "beta_lpdf(p, 0.5, 0.5)", [-800.0, -746.0, 40.0, 800.0]),
+    ({"s": {"lower": 0}}, "gamma_lpdf(s, 0.5, 1)", [-800.0, -746.0]),
+    ({"s": {"upper": 2}}, "gamma_lpdf(2 - s, 0.5, 1)", [-800.0]),
+])
+def test_a_density_unbounded_at_a_bound_stays_finite_and_small_where_z_rounds_onto_it(
+        params, log_prob, z):
+    """exp(u) underflows below u = -745 and sigmoid(u) rounds to 1 above u = 37 in float64, which
+    put the constrained value on the bound, where beta(0.5, 0.5) and gamma(0.5) densities are
+    +inf although in z they are tiny: such draws read as infinite importance weights."""
+    model = ModelTarget({"params": params, "log_prob": [log_prob]})
+    values = model.log_prob(torch.tensor(z, dtype=torch.float64)[:, None])
+    assert torch.isfinite(values).all(), values
+    typical = float(model.log_prob(torch.zeros(1, 1, dtype=torch.float64))[0])
+    assert (values < typical - 15).all(), (values, typical)
+    constrained, _ = model.constrain(torch.tensor(z, dtype=torch.float64)[:, None])
+    assert model.in_support(constrained).all()
+
+
 def test_model_columns_layout_and_spec_round_trip():
     model = ModelTarget(MODEL)
     assert model.dim == 1 + 1 + 2 + 2 + 4
