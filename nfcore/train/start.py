@@ -347,7 +347,10 @@ def pathfinder(
             and time.monotonic() < deadline):
         _, lead_mean, lead_factor, lead_index = leader
         logdet = 0.0 if lead_index < 0 else float(torch.linalg.slogdet(lead_factor)[1])
-        refined = _refine(log_p, lead_mean, lead_factor, logdet, g, deadline)
+        try:
+            refined = _refine(log_p, lead_mean, lead_factor, logdet, g, deadline)
+        except (RuntimeError, ValueError, FloatingPointError):  # as the L-BFGS path: no candidate
+            refined = None
         if refined is not None:
             mean, factor, logdet = refined
             candidates.append((score(mean, factor, logdet), mean, factor, _REFINED))
