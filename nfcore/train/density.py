@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from ..flow import Flow
-from .density_diagnostics import evaluate_density
+from .density_diagnostics import MAX_ROWS, evaluate_density
 from .flow_matching import density_loss
 from .loop import FitResult, Loop, Progress, check_common, finite_or_none, generator, resolve_steps
 
@@ -82,6 +83,25 @@ def _mean_nll(flow: Flow, x: Tensor, context: Tensor | None) -> float:
     return -total / x.shape[0]
 
 
+@torch.no_grad()
+def _diagnostics_seconds(flow: Flow, x_train: Tensor, c_train: Tensor | None, x_val: Tensor,
+                         c_val: Tensor | None) -> float:
+    """About what ``evaluate_density`` will take: two passes (the held-out rows, and as many
+    training rows) over at most its row cap, timed on a small batch after one to warm up."""
+    rows = x_val.shape[0] or x_train.shape[0]
+    cap = MAX_ROWS if flow.cost["log_prob"] == "one pass" else MAX_ROWS // 5
+    probe = min(256, x_train.shape[0])
+    c = None if c_train is None else c_train[:probe]
+    was_training = flow.training
+    flow.train(False)
+    flow.log_prob(x_train[:probe], c)
+    tick = time.monotonic()
+    flow.log_prob(x_train[:probe], c)
+    seconds = time.monotonic() - tick
+    flow.train(was_training)
+    return seconds * 2 * min(rows, cap) / probe
+
+
 def fit_density(
     flow: Flow,
     data: Any,
@@ -132,7 +152,8 @@ def fit_density(
         data: array-like of shape ``(N, dim)``.
         context: array-like of shape ``(N, context_dim)`` for a conditional flow.
         steps, epochs: the step budget (at most one of them).
-        max_seconds: the wall-clock budget. With a step budget too, the schedule follows whichever
+        max_seconds: the wall-clock budget of the whole call (the data-side layers' fit and the
+            closing diagnostics included). With a step budget too, the schedule follows whichever
             of steps and time is further along, so a time-limited run still ends annealed (and
             depends on timing).
         batch_size, lr, weight_decay: AdamW settings; ``schedule`` is ``cosine``, ``linear`` or
@@ -164,6 +185,7 @@ def fit_density(
         >>> result.summary["steps"], result.summary["stopped_reason"]
         (50, 'completed')
     """
+    began = time.monotonic()
     check_common(batch_size=batch_size, lr=lr, schedule=schedule, clip_grad_norm=clip_grad_norm,
                  max_seconds=max_seconds, seed=seed, checkpoint_every_s=checkpoint_every_s,
                  weight_decay=weight_decay)
@@ -218,8 +240,14 @@ def fit_density(
 
     loss_fn, loss_name = density_loss(flow, loss)
     flow.initialize(x_train, c_train, knots=init_knots)
+    # The budget covers the whole call: what came before the training (the split, the
+    # data-side layers' fit) and the closing diagnostics, timed on a small batch and scaled.
+    budget = max_seconds
+    if max_seconds is not None:
+        reserve = _diagnostics_seconds(flow, x_train, c_train, x_val, c_val)
+        budget = max(max_seconds - (time.monotonic() - began) - reserve, 1e-3)
     loop = Loop(flow, steps=total, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                clip_grad_norm=clip_grad_norm, max_seconds=max_seconds, callback=callback,
+                clip_grad_norm=clip_grad_norm, max_seconds=budget, callback=callback,
                 should_stop=should_stop, checkpoint_path=checkpoint_path,
                 checkpoint_every_s=checkpoint_every_s, resume=resume, record_every=every,
                 seed=seed, batch_size=batch, patience=patience if n_val else None,
@@ -253,4 +281,6 @@ def fit_density(
         epochs=round(loop.step / per_epoch, 3),
         diagnostics=diagnostics,
     )
+    summary["max_seconds"] = max_seconds
+    summary["wall_s"] = round(time.monotonic() - began, 3)
     return FitResult(flow=flow, history=loop.history, summary=summary)
