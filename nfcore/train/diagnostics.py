@@ -351,15 +351,29 @@ def defensive_sample(start: GaussianStart, n: int, gen: torch.Generator) -> Tens
     second mass far along one coordinate while the others stay typical, which the first, whose
     far draws are far in all of them, almost never proposes beyond a few dimensions (on the
     non-centred eight schools, 10-D, a fit missing the upper half of ``mu``'s range read 0.2 %
-    missing with it alone)."""
+    missing with it alone). Where the start found other modes (``start.modes``), half of the
+    draws are instead multivariate Cauchy around them, shared equally: a mode the fit did not
+    find (a mixture's relabelled copy, 50 of its sds away) is out of every other part's reach."""
     dim = start.mean.shape[0]
-    half = n // 2
+    elsewhere = [_mode_start(mean, factor) for mean, factor in start.modes]
+    n_other = n // 2 if elsewhere else 0
+    n_here = n - n_other
+    half = n_here // 2
     radial = start.sample(half, gen, df=DEFENSIVE_DF)
-    u = torch.randn(n - half, dim, generator=gen, dtype=torch.float64)
-    axis = torch.randint(dim, (n - half,), generator=gen)
-    cauchy = torch.tan(math.pi * (torch.rand(n - half, generator=gen, dtype=torch.float64) - 0.5))
-    u[torch.arange(n - half), axis] = cauchy
-    return torch.cat([radial, start.mean + u @ start.factor.T])
+    u = torch.randn(n_here - half, dim, generator=gen, dtype=torch.float64)
+    axis = torch.randint(dim, (n_here - half,), generator=gen)
+    cauchy = torch.tan(math.pi * (torch.rand(n_here - half, generator=gen,
+                                             dtype=torch.float64) - 0.5))
+    u[torch.arange(n_here - half), axis] = cauchy
+    parts = [radial, start.mean + u @ start.factor.T]
+    for i, other in enumerate(elsewhere):  # the other modes share the other half equally
+        share = n_other // len(elsewhere) + (i < n_other % len(elsewhere))
+        parts.append(other.sample(share, gen, df=DEFENSIVE_DF))
+    return torch.cat(parts)
+
+
+def _mode_start(mean: Tensor, factor: Tensor) -> GaussianStart:
+    return GaussianStart(mean=mean, factor=factor, elbo=math.nan, mode_log_prob=None)
 
 
 def defensive_log_prob(start: GaussianStart, x: Tensor) -> Tensor:
@@ -372,7 +386,12 @@ def defensive_log_prob(start: GaussianStart, x: Tensor) -> Tensor:
     log_axis = (log_normal.sum(-1) + torch.logsumexp(log_cauchy - log_normal, -1)
                 - math.log(dim) - torch.linalg.slogdet(factor)[1])
     log_radial = start.log_prob(x.double(), df=DEFENSIVE_DF)
-    return torch.logaddexp(log_radial, log_axis) - math.log(2.0)
+    here = torch.logaddexp(log_radial, log_axis) - math.log(2.0)
+    if not start.modes:
+        return here
+    elsewhere = torch.stack([_mode_start(m, f).log_prob(x.double(), df=DEFENSIVE_DF)
+                             for m, f in start.modes]).logsumexp(0) - math.log(len(start.modes))
+    return torch.logaddexp(here, elsewhere) - math.log(2.0)
 
 
 def _missing_mass(flow: Flow, target: Target, start: GaussianStart, x_q: Tensor, log_q: Tensor,

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..targets import Target
 
-__all__ = ["GaussianStart", "pathfinder", "gaussian_samples"]
+__all__ = ["GaussianStart", "pathfinder", "gaussian_samples", "other_modes"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -39,7 +39,10 @@ class GaussianStart:
     """A Gaussian ``N(mean, factor @ factor.T)`` (float64) and what the search found on the way.
 
     ``elbo`` is its ELBO estimate; ``mode_log_prob`` the highest ``log p~`` seen along the path
-    (``None`` when no finite value was seen); ``info`` is JSON for the training summary.
+    (``None`` when no finite value was seen); ``info`` is JSON for the training summary;
+    ``modes`` the Laplace approximations ``(mean, factor)`` at other modes that further L-BFGS
+    paths reached, well apart from this Gaussian (see ``other_modes``), for ``missing_mass``
+    to look at.
     """
 
     mean: Tensor
@@ -47,6 +50,7 @@ class GaussianStart:
     elbo: float
     mode_log_prob: float | None
     info: dict[str, Any] = field(default_factory=dict)
+    modes: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     def log_prob(self, x: Tensor, df: int | None = None) -> Tensor:
         """Its log density at ``x`` (shape ``(N, dim)``); with ``df``, that of the multivariate
@@ -364,9 +368,68 @@ def pathfinder(
             "log_z_bound": best[0] if math.isfinite(best[0]) else None,
             "elbo": best[2] if math.isfinite(best[2]) else None,
             "seconds": round(time.monotonic() - began, 3)}
+    # Other modes, for the diagnostics: further paths from other points, in up to half the time
+    # left.
+    now = time.monotonic()
+    modes = other_modes(log_p, dim, g, best_mean, best_factor, now + 0.5 * max(deadline - now, 0.0),
+                        max_iterations, log_z=best[1])
+    info["other_modes"] = len(modes)
+    info["seconds"] = round(time.monotonic() - began, 3)
     return GaussianStart(mean=best_mean, factor=best_factor, elbo=best[2],
                          mode_log_prob=max(finite_values) if finite_values else None,
-                         info={**info, "identity": chosen == -1})
+                         info={**info, "identity": chosen == -1}, modes=modes)
+
+
+#: How many further L-BFGS paths ``other_modes`` runs.
+EXTRA_PATHS = 3
+#: How far apart (in sds, under both Gaussians' covariances) two modes must be to count as two.
+MODE_SEPARATION = 6.0
+#: The least share of the mass, by its Laplace estimate, that another mode must hold to count.
+MIN_MODE_MASS = 1e-3
+
+
+def _apart(mean: Tensor, factor: Tensor, other_mean: Tensor, other_factor: Tensor) -> bool:
+    gap = mean - other_mean
+    return all(float(torch.linalg.solve(f, gap).norm()) > MODE_SEPARATION
+               for f in (factor, other_factor))
+
+
+def other_modes(log_p: Callable[[Tensor], Tensor], dim: int, g: torch.Generator, mean: Tensor,
+                factor: Tensor, deadline: float, max_iterations: int = 1000,
+                log_z: float | None = None) -> list[tuple[Tensor, Tensor]]:
+    """Laplace approximations ``(mean, factor)`` at the ends of ``EXTRA_PATHS`` further L-BFGS
+    paths from Stan-style uniform(-2, 2) points, kept where they are ``MODE_SEPARATION`` sds apart
+    from ``N(mean, factor factor^T)`` and from each other: modes the start (and so the fit) may
+    not have seen. A mixture whose components swap labels has its copies 50 sds apart, and
+    reverse KL fits one; ``missing_mass``'s proposal then also goes to the others.
+
+    With ``log_z`` (the start's estimate of ``log Z``), an end whose Laplace estimate of its own
+    mass, ``log p~(m) + log|det factor| + dim/2 log(2 pi)``, is below ``MIN_MODE_MASS`` of it is
+    not kept: a centred hierarchical model's density grows without bound down its funnel's neck,
+    where paths end (a group scale of e^-18 on eight schools) on almost no mass."""
+    known = [(mean, factor)]
+    found: list[tuple[Tensor, Tensor]] = []
+    for _ in range(EXTRA_PATHS):
+        if time.monotonic() > deadline:
+            break
+        x0 = 4.0 * torch.rand(dim, generator=g, dtype=torch.float64) - 2.0
+        with torch.no_grad():
+            if not bool(torch.isfinite(log_p(x0[None])).all()):
+                continue
+        path, _ = _lbfgs_path(log_p, x0, max_iterations, deadline)
+        laplace = _laplace(log_p, path[-1]) if len(path) > 1 else None
+        if laplace is None:
+            continue
+        m, f, logdet = laplace
+        if log_z is not None and math.isfinite(log_z):
+            with torch.no_grad():
+                mass = float(log_p(m[None])[0]) + logdet + 0.5 * dim * _LOG_2PI
+            if not mass > log_z + math.log(MIN_MODE_MASS):
+                continue
+        if all(_apart(m, f, km, kf) for km, kf in known):
+            known.append((m, f))
+            found.append((m, f))
+    return found
 
 
 def gaussian_samples(start: GaussianStart, n: int, seed: int = 0) -> Tensor:

@@ -283,6 +283,27 @@ def test_missing_mass_sees_mass_far_along_one_coordinate_of_many(share):
         assert diagnostics["verdict"] == "ok", diagnostics
 
 
+def test_missing_mass_sees_a_mode_the_fit_never_found():
+    """A two-component mixture with unordered means has two relabelled copies of its posterior,
+    50 of their sds apart: reverse KL fits one, q's own weights are flat, and no proposal around
+    the start reaches the other. Further L-BFGS paths find it, and the proposal goes there too."""
+    rng = np.random.default_rng(0)
+    y = np.concatenate([rng.normal(-2, 1, 100), rng.normal(2, 1, 100)])
+    model = nfcore.targets.ModelTarget({
+        "params": {"mu": {"shape": [2]}}, "data": {"y": y.tolist()},
+        "log_prob": ["normal_lpdf(mu, 0, 10)",
+                     "log_mix(0.5, normal_lpdf(y, mu[0], 1), normal_lpdf(y, mu[1], 1))"]})
+    start = pathfinder(model, seed=0)
+    assert start.info["other_modes"] >= 1
+    assert all(float((m - start.mean.flip(0)).abs().max()) < 0.3 for m, _ in start.modes)  # swapped
+    torch.manual_seed(0)
+    result = nfcore.fit_target(nfcore.build(_spec("nsf", dim=2)), model, steps=200)
+    diagnostics = result.summary["diagnostics"]
+    assert diagnostics["ess_fraction"] > 0.99  # q's own draws see nothing wrong
+    assert diagnostics["missing_mass"] == pytest.approx(0.5, abs=0.05), diagnostics
+    assert diagnostics["verdict"] == "unreliable"
+
+
 def test_the_defensive_proposal_is_a_normalized_density_of_its_draws():
     from nfcore.train.diagnostics import defensive_log_prob, defensive_sample
     from nfcore.train.start import GaussianStart
