@@ -110,9 +110,9 @@ def spline_start(net: nn.Sequential, spline, v: Tensor) -> None:
     its own Gaussian the fit never quite did (held-out log-likelihood 0.015-0.067 nats a row below
     the data's Gaussian on a 5-D Gaussian and on sbibm's Bernoulli GLM draws, nsf, seeds 0 and
     1). From this start it came within 0.01 of it (5-D Gaussian) or beat it (GLM). Only spline
-    layers start so: their bias moves each marginal's shape, so the gradient is not zero there. An affine layer started as the identity
-    is at a stationary point on any data whose conditional means and scales do not change with
-    the other features (symmetric clusters), and maf and realnvp stalled there (0.05-0.32 nats a
+    layers start so: their bias moves each marginal's shape, so the gradient is not zero there.
+    An affine layer started as the identity is at a stationary point on any data whose
+    conditional means and scales do not change with the other features (symmetric clusters), and maf and realnvp stalled there (0.05-0.32 nats a
     row lost on three cluster sets), so they keep their random start.
     """
     with torch.no_grad():

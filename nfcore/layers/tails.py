@@ -8,16 +8,15 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Layer
-from .linear import scale_floor
+from .linear import Standardize, scale_floor
 
 __all__ = ["Asinh"]
 
 
-class Asinh(Layer):
-    """Fixed element-wise ``z = asinh((x - loc) / scale)``, fitted to the training data by
-    ``Flow.initialize`` (``loc`` the median, ``scale`` the interquartile range over 1.349, a
-    Gaussian's sd, of each column), with ``log|dz/dx| = -log(scale) - log(hypot(u, 1))``.
+class Asinh(Standardize):
+    """Fixed element-wise ``z = asinh((x - loc) / scale)``: a ``Standardize`` with robust
+    statistics, fitted to the training data by ``Flow.initialize`` (``loc`` the median, ``scale``
+    the interquartile range over 1.349, a Gaussian's sd, of each column), then ``asinh``; with ``log|dz/dx| = -log(scale) - log(hypot(u, 1))``.
 
     Near ``loc`` it is the identity in units of ``scale``; beyond a few scales it is a logarithm,
     so power-law tails (Cauchy, Student-t, Pareto) and a log-normal's right tail reach the layers
@@ -42,11 +41,6 @@ class Asinh(Layer):
         True
     """
 
-    def __init__(self, dim: int, **_):
-        super().__init__()
-        self.register_buffer("loc", torch.zeros(dim))
-        self.register_buffer("scale", torch.ones(dim))
-
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         x64 = x.double()
@@ -62,9 +56,8 @@ class Asinh(Layer):
         self.scale.copy_(torch.maximum(spread, scale_floor(x64, x.dtype)))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        u = (x - self.loc) / self.scale
-        ladj = -(torch.log(torch.hypot(u, torch.ones_like(u))) + torch.log(self.scale)).sum(-1)
-        return torch.asinh(u), ladj
+        u, ladj = super().forward(x)
+        return torch.asinh(u), ladj - torch.log(torch.hypot(u, torch.ones_like(u))).sum(-1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         top = math.log(torch.finfo(z.dtype).max) - 1.0
@@ -72,5 +65,5 @@ class Asinh(Layer):
         a = z.abs()
         # log cosh z = |z| + log1p(exp(-2|z|)) - log 2, which does not overflow
         log_cosh = a + torch.log1p(torch.exp(-2.0 * a)) - math.log(2.0)
-        ladj = (log_cosh + torch.log(self.scale)).sum(-1)
-        return self.loc + self.scale * torch.sinh(z), ladj
+        x, ladj = super().inverse(torch.sinh(z))
+        return x, ladj + log_cosh.sum(-1)

@@ -84,11 +84,10 @@ def _mean_nll(flow: Flow, x: Tensor, context: Tensor | None) -> float:
 
 
 @torch.no_grad()
-def _diagnostics_seconds(flow: Flow, x_train: Tensor, c_train: Tensor | None, x_val: Tensor,
-                         c_val: Tensor | None) -> float:
-    """About what ``evaluate_density`` will take: two passes (the held-out rows, and as many
-    training rows) over at most its row cap, timed on a small batch after one to warm up."""
-    rows = x_val.shape[0] or x_train.shape[0]
+def _diagnostics_seconds(flow: Flow, x_train: Tensor, c_train: Tensor | None, rows: int) -> float:
+    """About what ``evaluate_density`` will take on ``rows`` scored rows: two passes (those, and
+    as many training rows) over at most its row cap, timed on a small batch after one to warm
+    up."""
     cap = MAX_ROWS if flow.cost["log_prob"] == "one pass" else MAX_ROWS // 5
     probe = min(256, x_train.shape[0])
     c = None if c_train is None else c_train[:probe]
@@ -244,7 +243,7 @@ def fit_density(
     # data-side layers' fit) and the closing diagnostics, timed on a small batch and scaled.
     budget = max_seconds
     if max_seconds is not None:
-        reserve = _diagnostics_seconds(flow, x_train, c_train, x_val, c_val)
+        reserve = _diagnostics_seconds(flow, x_train, c_train, n_val or n_train)
         budget = max(max_seconds - (time.monotonic() - began) - reserve, 1e-3)
     loop = Loop(flow, steps=total, lr=lr, weight_decay=weight_decay, schedule=schedule,
                 clip_grad_norm=clip_grad_norm, max_seconds=budget, callback=callback,

@@ -366,8 +366,7 @@ def pathfinder(
                        _describe(chosen, n)),
             "log_z": best[1] if math.isfinite(best[1]) else None,
             "log_z_bound": best[0] if math.isfinite(best[0]) else None,
-            "elbo": best[2] if math.isfinite(best[2]) else None,
-            "seconds": round(time.monotonic() - began, 3)}
+            "elbo": best[2] if math.isfinite(best[2]) else None}
     # Other modes, for the diagnostics: further paths from other points, in up to half the time
     # left.
     now = time.monotonic()
