@@ -374,7 +374,10 @@ def _counts(c: Compiler, arg: ast.expr, name: str, what: str, *, at_most_one: bo
     """The outcome (or trial count) of an ``_lpmf``: data of whole numbers, made real."""
     v = c.visit(arg)
     if v.batched:
-        raise c.error(f"{name}(): {what} must be data; it cannot depend on the parameters", arg)
+        raise c.error(f"{name}(): {what} must be data, whose whole numbers are checked when the "
+                      "model is built; it cannot depend on the parameters or on a context (for "
+                      "counts observed as a context, write the log pmf out, e.g. Poisson's "
+                      "y * eta - exp(eta) - lgamma(y + 1))", arg)
     if v.kind == "bool":
         raise c.error("A comparison can only be the first argument of where()", arg)
     t = v.const.to(torch.float64)

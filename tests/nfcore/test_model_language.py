@@ -233,6 +233,9 @@ def test_errors_in_derived_quantities_name_them():
     ({"params": {"big": {"shape": [4096, 2]}}}, "unconstrained reals in all"),
     ({"context": {"x": {"shape": [0]}}}, "context.x.shape: expected a list"),
     ({"context": {"a": {}}}, "context: 'a' is already a parameter name"),
+    # counts observed as a context: the message names the context and the way round it
+    ({"context": {"y": {"shape": [3]}}, "log_prob": "poisson_log_lpmf(y, a)"},
+     "cannot depend on the parameters or on a context"),
 ])
 def test_bad_models_raise_target_errors_naming_the_field(change, message):
     spec = {"params": {"a": {"shape": [3]}}, "log_prob": "sum(a)", **change}
